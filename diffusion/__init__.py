@@ -1,0 +1,1 @@
+"""PixArt-alpha: Diffusion Transformers for text-to-image synthesis (models, diffusion, data, utilities)."""

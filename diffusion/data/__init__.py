@@ -1,0 +1,1 @@
+"""Datasets, aspect-ratio buckets and feature paths."""

@@ -1,0 +1,1 @@
+"""Networks (``nets``), noise schedules, losses and samplers."""

@@ -1,0 +1,1 @@
+"""Checkpointing, configuration, logging and distributed helpers."""
