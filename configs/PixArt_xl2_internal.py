@@ -1,0 +1,83 @@
+# Base config for PixArt-alpha training and sampling. Every released config inherits it through
+# `_base_`, and it is also the schema: a config may only set the keys defined here, with the same type
+# (a key whose default is None accepts any type). Values are the released ones unless a comment says so.
+
+# ---------------------------------------------------------------- data
+data_root = '/data/data'  # directory that dataset roots below are relative to
+image_list_json = ['data_info.json']  # annotation files (SPEC section 7) read by InternalData/InternalDataMS
+image_list_txt = None  # SA-1B partition lists (partition/part*.txt) read by the SAM dataset
+data = dict(
+    type='InternalData',  # dataset class name: InternalData, InternalDataMS or SAM
+    root='images',  # dataset folder under data_root
+    image_list_json=image_list_json,  # annotation files of this dataset
+    transform='default_train',  # image transform name
+    load_vae_feat=True,  # read pre-extracted VAE features instead of encoding images
+)
+image_size = 256  # training resolution in pixels (256, 512 or 1024)
+train_batch_size = 32  # images per GPU per step
+eval_batch_size = 16  # images per GPU when sampling for evaluation
+use_fsdp = False  # shard the model with FSDP instead of DDP
+valid_num = 2000  # number of validation samples
+num_workers = 4  # DataLoader worker processes per GPU
+
+# ---------------------------------------------------------------- model
+model = 'PixArt_XL_2'  # model name in the registry: PixArt_XL_2 or PixArtMS_XL_2 (multi-scale)
+model_kwargs = dict()  # extra model constructor arguments, e.g. depth/hidden_size/num_heads for small models
+aspect_ratio_type = None  # bucket table for multi-scale training, e.g. 'ASPECT_RATIO_1024'
+multi_scale = False  # train on aspect-ratio buckets (needs a PixArtMS model and an MS dataset)
+lewei_scale = 1.0  # position-embedding scale: 1.0 at 256 and 512 px, 2.0 at 1024 px
+fp32_attention = False  # compute attention in fp32 under mixed precision
+window_block_indexes = []  # released key, never applied by the reference: accepted, unused
+window_size = 0  # released key, never applied by the reference: accepted, unused
+use_rel_pos = False  # released key, never applied by the reference: accepted, unused
+class_dropout_prob = 0.1  # probability of replacing a caption by the null caption during training
+model_max_length = 120  # T5 tokens per caption
+caption_channels = 4096  # width of the T5 caption features
+pred_sigma = True  # the model predicts the variance as well as the noise (8 output channels)
+learn_sigma = True  # train the variance with the variational-bound loss term
+
+# ---------------------------------------------------------------- diffusion
+train_sampling_steps = 1000  # diffusion steps used in training
+eval_sampling_steps = 250  # sampler steps used for evaluation images
+snr_loss = False  # weight the loss by min-SNR
+cfg_scale = 4.0  # guidance scale for evaluation images (released as 4; a float so 4.5 validates)
+mask_type = 'null'  # token masking strategy ('null' = no masking)
+num_group_tokens = 0  # grouped mask tokens (0 = off)
+mask_loss_coef = 0.  # weight of the masked-token loss
+load_mask_index = False  # read precomputed mask indices from the dataset
+
+# ---------------------------------------------------------------- optimisation
+num_epochs = 80  # training epochs
+gradient_accumulation_steps = 1  # micro-batches per optimiser step
+grad_checkpointing = False  # recompute block activations in the backward pass to save memory
+gradient_clip = 1.0  # maximum global gradient norm
+gc_step = 1  # steps between Python garbage collections
+auto_lr = dict(rule='sqrt')  # lr scaling: 'sqrt' = lr * sqrt(effective batch / 256); dict() = no scaling
+optimizer = dict(type='AdamW', lr=1e-4, weight_decay=3e-2, eps=1e-10)  # optimiser class and arguments
+lr_schedule = 'constant'  # learning-rate schedule after warm-up
+lr_schedule_args = dict(num_warmup_steps=500)  # schedule arguments
+mixed_precision = 'fp16'  # accelerate mixed precision: 'no', 'fp16' or 'bf16'
+ema_rate = 0.9999  # exponential moving average decay of the EMA weights
+seed = 43  # base random seed (offset per rank)
+
+# ---------------------------------------------------------------- pretrained parts
+vae_pretrained = '/cache/pretrained_models/sd-vae-ft-ema'  # diffusers AutoencoderKL folder
+scale_factor = 0.18215  # VAE latent scale factor
+sample_posterior = True  # sample VAE latents (mean + std * noise) instead of using the mean
+t5_pretrained = 'output/pretrained_models/t5_ckpts/t5-v1_1-xxl'  # T5 encoder folder; scripts may override
+
+# ---------------------------------------------------------------- checkpoints and logging
+load_from = None  # checkpoint whose weights initialise the model (weights only)
+resume_from = dict(  # checkpoint to resume a run from (weights, optimiser, schedule, position)
+    checkpoint=None,  # path, or None to start fresh
+    load_ema=False,  # initialise the model from the EMA weights
+    resume_optimizer=True,  # restore the optimiser state
+    resume_lr_scheduler=True,  # restore the lr scheduler state
+)
+save_image_epochs = 1  # epochs between evaluation image dumps
+save_model_epochs = 1  # epochs between checkpoints
+save_model_steps = 1000000  # steps between checkpoints
+log_interval = 50  # steps between log lines
+tensorboard_mox_interval = 50  # steps between tensorboard syncs to remote storage
+work_dir = '/cache/exps/'  # output directory for checkpoints and logs
+s3_work_dir = None  # remote copy of work_dir (None = none)
