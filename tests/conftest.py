@@ -1,0 +1,71 @@
+"""Shared test helpers: tiny PixArt/PixArtMS models whose every parameter is random."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion.model.nets import PixArt, PixArtMS
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_REF = REPO.parent / "shared" / "ref"
+
+# hidden 96 = 4 heads x 24, divisible by 3 (PixArtMS) and 4 (positions); 8 caption tokens of width 32.
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=96, depth=2, num_heads=4,
+            caption_channels=32, model_max_length=8)
+
+
+def randomize(model, seed=0, scale=0.1):
+    """Overwrite every parameter (the zero-initialised ones too) with N(0, scale), deterministically."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+def tiny_model(cls=PixArt, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return randomize(cls(**{**TINY, **overrides}), seed=seed).eval()
+
+
+def tiny_inputs(batch=3, height=8, width=8, seed=1):
+    """Latents, fractional timesteps, captions, a padded mask and MS micro-conditions."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, height, width, generator=gen)
+    t = torch.tensor([0.5, 499.3, 999.0, 250.25, 1.0][:batch])
+    y = torch.randn(batch, TINY["model_max_length"], TINY["caption_channels"], generator=gen)
+    mask = torch.ones(batch, TINY["model_max_length"], dtype=torch.long)
+    mask[0, 3:] = 0
+    if batch > 2:
+        mask[2, 6:] = 0
+    img_hw = torch.tensor([[height * 8.0, width * 8.0]]).repeat(batch, 1) + torch.arange(batch)[:, None] * 8.0
+    data_info = {"img_hw": img_hw, "aspect_ratio": (img_hw[:, :1] / img_hw[:, 1:]).round(decimals=2)}
+    return x, t, y, mask, data_info
+
+
+@pytest.fixture
+def base_config_path():
+    return REPO / "configs" / "PixArt_xl2_internal.py"
+
+
+@pytest.fixture
+def tiny_config(tmp_path, base_config_path):
+    """A config file for a tiny PixArt (image 64 px -> latent 8), inheriting the real base config."""
+    path = tmp_path / "tiny_config.py"
+    path.write_text(
+        f"_base_ = [{str(base_config_path)!r}]\n"
+        "model = 'PixArt'\n"
+        "image_size = 64\n"
+        f"caption_channels = {TINY['caption_channels']}\n"
+        f"model_max_length = {TINY['model_max_length']}\n"
+        "model_kwargs = dict(depth=2, hidden_size=96, num_heads=4, patch_size=2)\n")
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
