@@ -1,0 +1,138 @@
+"""Classifier-free guidance on tiny random PixArt / PixArtMS models: all four latent channels, the null
+caption read with the prompt's mask, and the `cfg_compat="official"` switch (SPEC sections 6 and 9)."""
+import pytest
+import torch
+
+from diffusion import DPMS, IDDPM, SASolverSampler
+from diffusion.model.nets import PixArt, PixArtMS
+from tests.conftest import tiny_inputs, tiny_model
+
+SCALE = 4.5
+
+
+def null_caption(model, batch):
+    return model.y_embedder.y_embedding[None].expand(batch, -1, -1)
+
+
+def setup(cls):
+    model = tiny_model(cls)
+    x, t, y, mask, data_info = tiny_inputs()
+    return model, x, t, y, mask, (data_info if cls is PixArtMS else None)
+
+
+def guided(model, x, t, y, mask, data_info, scale, compat="fixed"):
+    """forward_with_cfg on [x; x] with [prompt; null] captions, as the IDDPM sampling recipe calls it."""
+    batch = len(x)
+    with torch.no_grad():
+        return model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null_caption(model, batch)]),
+                                      scale, mask=mask, data_info=data_info, cfg_compat=compat)
+
+
+def separate(model, x, t, y, mask, data_info):
+    """Conditional and unconditional outputs from two plain forward passes, both with the prompt's mask."""
+    with torch.no_grad():
+        return (model(x, t, y, mask=mask, data_info=data_info),
+                model(x, t, null_caption(model, len(x)), mask=mask, data_info=data_info))
+
+
+# ---------------------------------------------------------------- forward_with_cfg
+
+@pytest.mark.parametrize("cls", [PixArt, PixArtMS])
+def test_cfg_scale_one_equals_the_conditional_prediction(cls):
+    model, x, t, y, mask, data_info = setup(cls)
+    cond, _ = separate(model, x, t, y, mask, data_info)
+    out = guided(model, x, t, y, mask, data_info, 1.0)
+    assert torch.allclose(out[:len(x), :4], cond[:, :4], atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [PixArt, PixArtMS])
+def test_guidance_extrapolates_all_four_channels_from_the_null_caption_read_with_the_prompt_mask(cls):
+    model, x, t, y, mask, data_info = setup(cls)
+    cond, uncond = separate(model, x, t, y, mask, data_info)
+    out = guided(model, x, t, y, mask, data_info, SCALE)
+    expected = uncond[:, :4] + SCALE * (cond[:, :4] - uncond[:, :4])
+    assert torch.allclose(out[:len(x), :4], expected, atol=1e-4)
+    assert torch.equal(out[len(x):, :4], out[:len(x), :4])  # both halves carry the guided eps
+
+
+def test_official_compat_changes_exactly_channel_3_of_pixart():
+    model, x, t, y, mask, _ = setup(PixArt)
+    fixed = guided(model, x, t, y, mask, None, SCALE)
+    official = guided(model, x, t, y, mask, None, SCALE, compat="official")
+    same = torch.isclose(fixed, official, atol=1e-6).flatten(2).all(dim=2)  # (2B, channels)
+    assert same[:, [0, 1, 2, 4, 5, 6, 7]].all()
+    assert not same[:, 3].any()
+    cond, _ = separate(model, x, t, y, mask, None)
+    assert torch.allclose(official[:len(x), 3], cond[:, 3], atol=1e-5)  # channel 3 left unguided
+
+
+def test_official_compat_of_pixart_ms_also_ignores_the_caption_mask():
+    model, x, t, y, mask, data_info = setup(PixArtMS)
+    official = guided(model, x, t, y, mask, data_info, SCALE, compat="official")
+    unmasked = guided(model, x, t, y, None, data_info, SCALE)
+    masked = guided(model, x, t, y, mask, data_info, SCALE)
+    assert torch.allclose(official[:, :3], unmasked[:, :3], atol=1e-6)
+    assert not torch.allclose(official[:, :3], masked[:, :3], atol=1e-4)  # the mask does matter
+    assert not torch.allclose(official[:, 3], unmasked[:, 3], atol=1e-4)
+
+
+# ---------------------------------------------------------------- DPM-Solver / SA-Solver guidance
+
+@pytest.mark.parametrize("cls", [PixArt, PixArtMS])
+def test_dpms_guidance_uses_the_null_caption_with_the_prompt_mask(cls):
+    model, x, _, y, mask, data_info = setup(cls)
+    kwargs = {"mask": mask} if data_info is None else {"mask": mask, "data_info": data_info}
+    t_continuous = 0.4505  # model time 449.5
+    model_time = torch.full((len(x),), 449.5)
+    with torch.no_grad():
+        cond = model.forward_with_dpmsolver(x, model_time, y, **kwargs)
+        uncond = model.forward_with_dpmsolver(x, model_time, null_caption(model, len(x)), **kwargs)
+        # The null caption is given once, as y_embedding, and broadcast to the batch.
+        guided_eps = DPMS(model.forward_with_dpmsolver, y, model.y_embedder.y_embedding[None], SCALE,
+                          kwargs).model_fn(x, t_continuous)
+        scale_one = DPMS(model.forward_with_dpmsolver, y, null_caption(model, len(x)), 1.0,
+                         kwargs).model_fn(x, t_continuous)
+    assert torch.allclose(guided_eps, uncond + SCALE * (cond - uncond), atol=1e-4)
+    assert torch.allclose(scale_one, cond, atol=1e-6)
+
+
+# ---------------------------------------------------------------- sampling a real model end to end
+
+def test_iddpm_guided_sampling_recipe_is_reproducible_from_a_seed():
+    model, x, _, y, mask, _ = setup(PixArt)
+    z = torch.cat([x, x])
+    model_kwargs = dict(y=torch.cat([y, null_caption(model, len(x))]), cfg_scale=SCALE, mask=mask)
+
+    def sample(seed):
+        return IDDPM("4").p_sample_loop(model.forward_with_cfg, z.shape, z, clip_denoised=False,
+                                        model_kwargs=model_kwargs, generator=seed)
+
+    first, again = sample(0), sample(0)
+    assert torch.equal(first, again) and torch.isfinite(first).all()
+    assert not torch.allclose(first, sample(1))
+
+
+def test_dpms_sampling_of_pixart_ms_is_deterministic_given_the_latents():
+    model, x, _, y, mask, data_info = setup(PixArtMS)
+    kwargs = dict(mask=mask, data_info=data_info)
+    null = model.y_embedder.y_embedding[None]
+    first = DPMS(model.forward_with_dpmsolver, y, null, SCALE, kwargs).sample(x, steps=4, progress=False)
+    again = DPMS(model.forward_with_dpmsolver, y, null, SCALE, kwargs).sample(x, steps=4, progress=False)
+    assert torch.equal(first, again) and torch.isfinite(first).all()
+
+
+def test_sa_solver_sampling_of_pixart_gives_each_seeded_sample_the_same_result_in_any_batch():
+    model, _, _, y, mask, _ = setup(PixArt)
+    sampler = SASolverSampler(model.forward_with_dpmsolver)
+
+    def sample(rows, seeds):
+        return sampler.sample(5, len(rows), (4, 8, 8), conditioning=y[rows], eta=1.0,
+                              unconditional_conditioning=null_caption(model, len(rows)),
+                              unconditional_guidance_scale=SCALE, model_kwargs=dict(mask=mask[rows]),
+                              generator=seeds, progress=False)[0]
+
+    pair = sample([0, 1], [21, 22])
+    alone = sample([1], [22])
+    # A random model is no denoiser and guidance drives its latents far out: compare relatively.
+    assert torch.allclose(pair[1:], alone, rtol=1e-4, atol=1e-4)
+    assert torch.equal(pair, sample([0, 1], [21, 22]))
