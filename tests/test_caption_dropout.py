@@ -60,3 +60,13 @@ def test_eval_mode_never_drops():
     model = model_with_dropout(1.0).eval()
     _, _, y, _, _ = tiny_inputs()
     torch.testing.assert_close(model.y_embedder(y, train=False), model.y_embedder.y_proj(y))
+
+
+def test_model_forward_takes_forced_drop_ids_instead_of_random_dropout():
+    model = model_with_dropout(0.5)
+    x, t, y, mask, _ = tiny_inputs()
+    forced = model(x, t, y, mask, force_drop_ids=torch.tensor([0, 1, 0]))
+    expected_y = y.clone()
+    expected_y[1] = model.y_embedder.y_embedding
+    model.eval()
+    torch.testing.assert_close(forced, model(x, t, expected_y, mask))

@@ -25,6 +25,8 @@ class PixArt(nn.Module):
     (float allowed), y (B, L, caption_channels) or (B, 1, L, caption_channels) T5 features, mask (B, L) of
     kept caption tokens (or (B, 1, 1, L); None keeps all). Returns (B, 2C, H, W) (eps, then variance values)
     when `pred_sigma`, else (B, C, H, W). `data_info` is accepted for API compatibility and unused here.
+    `force_drop_ids` (B,) replaces the captions where it is 1 by the null caption instead of random caption
+    dropout, so a trainer can draw dropout per sample from its own seeded generators.
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
@@ -102,7 +104,7 @@ class PixArt(nn.Module):
         return self.x_embedder.proj.weight.dtype
 
     # ------------------------------------------------------------- forward
-    def forward(self, x, timestep, y, mask=None, data_info=None):
+    def forward(self, x, timestep, y, mask=None, data_info=None, force_drop_ids=None):
         B = x.shape[0]
         h, w = self._token_grid(x)
         dtype = self.dtype
@@ -113,7 +115,7 @@ class PixArt(nn.Module):
         t = self.t_embedder(self._timesteps(timestep, B, x.device))
         t = self.add_micro_conditions(t, data_info, B)
         t0 = self.t_block(t)
-        y = self.y_embedder(y, self.training)
+        y = self.y_embedder(y, self.training, force_drop_ids)
         key_mask = self._caption_mask(mask, B, y.shape[1], y.device)
         x = self._run_blocks(x, y, t0, key_mask)
         x = self.final_layer(x, t)
