@@ -12,6 +12,8 @@ data = dict(
     image_list_json=image_list_json,  # annotation files of this dataset
     transform='default_train',  # image transform name
     load_vae_feat=True,  # read pre-extracted VAE features instead of encoding images
+    load_t5_feat=True,  # read pre-extracted T5 features (False: the dataset encodes captions with a text encoder)
+    skip_bad_records=False,  # leave out records with missing/corrupt files and report them, instead of stopping
 )
 image_size = 256  # training resolution in pixels (256, 512 or 1024)
 train_batch_size = 32  # images per GPU per step
@@ -39,7 +41,7 @@ learn_sigma = True  # train the variance with the variational-bound loss term
 # ---------------------------------------------------------------- diffusion
 train_sampling_steps = 1000  # diffusion steps used in training
 eval_sampling_steps = 250  # sampler steps used for evaluation images
-snr_loss = False  # weight the loss by min-SNR
+snr_loss = False  # the reference snr_loss: x0-space MSE for timesteps <= 249, eps MSE above
 cfg_scale = 4.0  # guidance scale for evaluation images (released as 4; a float so 4.5 validates)
 mask_type = 'null'  # token masking strategy ('null' = no masking)
 num_group_tokens = 0  # grouped mask tokens (0 = off)
@@ -51,8 +53,8 @@ num_epochs = 80  # training epochs
 gradient_accumulation_steps = 1  # micro-batches per optimiser step
 grad_checkpointing = False  # recompute block activations in the backward pass to save memory
 gradient_clip = 1.0  # maximum global gradient norm
-gc_step = 1  # steps between Python garbage collections
-auto_lr = dict(rule='sqrt')  # lr scaling: 'sqrt' = lr * sqrt(effective batch / 256); dict() = no scaling
+gc_step = 1  # transformer blocks per gradient-checkpointing segment (with grad_checkpointing)
+auto_lr = dict(rule='sqrt')  # lr scaling: 'sqrt' = lr * sqrt(effective batch / 256), 'linear'; None = no scaling
 optimizer = dict(type='AdamW', lr=1e-4, weight_decay=3e-2, eps=1e-10)  # optimiser class and arguments
 lr_schedule = 'constant'  # learning-rate schedule after warm-up
 lr_schedule_args = dict(num_warmup_steps=500)  # schedule arguments
@@ -77,6 +79,12 @@ resume_from = dict(  # checkpoint to resume a run from (weights, optimiser, sche
 save_image_epochs = 1  # epochs between evaluation image dumps
 save_model_epochs = 1  # epochs between checkpoints
 save_model_steps = 1000000  # steps between checkpoints
+max_steps = None  # stop after this many optimizer steps (saving a checkpoint); None = run num_epochs
+keep_last_n = None  # keep only the newest N checkpoints in work_dir/checkpoints (None = keep all)
+max_nonfinite_steps = 20  # consecutive steps with a non-finite loss/gradients before the run stops
+eval_interval = 0  # steps between validation grids of validation_prompts in work_dir/vis (0 = never)
+validation_prompts = []  # prompts sampled with the EMA weights every eval_interval steps
+validation_steps = 20  # DPM-Solver++ steps for the validation grids
 log_interval = 50  # steps between log lines
 tensorboard_mox_interval = 50  # steps between tensorboard syncs to remote storage
 work_dir = '/cache/exps/'  # output directory for checkpoints and logs

@@ -217,3 +217,11 @@ def test_cfg_options_item_without_equals_sign_is_rejected(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(['--cfg-options', 'train_batch_size'])
     assert 'KEY=VALUE' in capsys.readouterr().err
+
+
+def test_a_dict_option_can_be_switched_off_with_none(tmp_path):
+    child = tmp_path / 'child.py'
+    child.write_text(f"_base_ = [{str(BASE)!r}]\nauto_lr = None\n")
+    assert load_config(child).auto_lr is None
+    with pytest.raises(ConfigError, match="'train_batch_size'"):
+        load_config(BASE, {'train_batch_size': None})

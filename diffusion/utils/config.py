@@ -111,8 +111,10 @@ def _unknown_key_error(key, schema, source):
 
 
 def _check_type(key, value, expected, source):
-    """Return `value` (an int promoted to float for float fields) or raise a ConfigError."""
-    if expected is None:
+    """Return `value` (an int promoted to float for float fields) or raise a ConfigError. A dict-valued
+    option may be None, which switches it off (mmengine merges a child's `dict()` into the base's dict, so
+    an empty dict could not)."""
+    if expected is None or (expected is dict and value is None):
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
