@@ -19,6 +19,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["diffusion", "diffusion.*"]),
+    package_data={"diffusion.data": ["aspect_ratios.json"]},  # the bucket tables (SPEC section 4)
     install_requires=read_requirements(),
     extras_require={"test": ["pytest>=7.4"]},
 )

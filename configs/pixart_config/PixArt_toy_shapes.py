@@ -1,0 +1,45 @@
+# A small PixArt on the toy-shapes dataset, for a CPU: the recipe in README "Toy recipe" builds the data
+# (tools/make_toy_dataset.py), the tiny encoders (tools/build_toy_encoders.py) and the features
+# (tools/extract_features.py) this config reads. 64 px images -> 8 x 8 latents -> 16 tokens of patch 2.
+_base_ = ['../PixArt_xl2_internal.py']
+
+# data: data/toy_shapes/partition/data_info.json; val_info.json and unseen_info.json hold evaluation prompts
+data_root = 'data'
+image_list_json = ['data_info.json']
+data = dict(type='InternalData', root='toy_shapes', image_list_json=image_list_json, transform='default_train',
+            load_vae_feat=True, load_t5_feat=True)
+image_size = 64
+num_workers = 0  # items are two small files each: worker processes would cost more than they save
+
+# model: 6 blocks of width 192 (6 heads of 32) on 128-wide toy T5 features of 32 tokens
+model = 'PixArt'
+model_kwargs = dict(depth=6, hidden_size=192, num_heads=6, patch_size=2)
+caption_channels = 128  # width of the toy T5 (tools/build_toy_encoders.py --t5-width)
+model_max_length = 32  # toy captions need at most 25 tokens; fewer tokens make cross-attention cheaper
+fp32_attention = False
+grad_checkpointing = False
+mixed_precision = 'no'
+
+# encoders (tools/build_toy_encoders.py writes both; it reports the scale factor of the VAE it trained)
+vae_pretrained = 'output/pretrained_models/toy/vae'
+t5_pretrained = 'output/pretrained_models/toy/t5'
+scale_factor = 0.4213  # 1 / std of the toy VAE's latents, as build_toy_encoders reports it (SD's VAE: 0.18215)
+
+# training
+train_batch_size = 32
+num_epochs = 20
+gradient_accumulation_steps = 1
+gradient_clip = 1.0
+optimizer = dict(type='AdamW', lr=2e-4, weight_decay=0.0, eps=1e-8)
+auto_lr = None  # the lr above is meant for this batch
+lr_schedule = 'constant'
+lr_schedule_args = dict(num_warmup_steps=100)
+ema_rate = 0.999  # a short run: the EMA must follow within a few hundred steps
+seed = 0
+
+# evaluation, logging, checkpoints
+eval_sampling_steps = 20
+cfg_scale = 4.5
+log_interval = 50
+save_model_epochs = 5
+work_dir = 'output/toy_shapes'

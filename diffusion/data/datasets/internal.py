@@ -1,0 +1,142 @@
+"""InternalData (json annotations, one resolution) and InternalDataMS (aspect-ratio buckets).
+
+An item is `(x, caption_feature, attention_mask, data_info)`:
+- `x`: the stored VAE feature (8, h/8, w/8), posterior mean then std, unscaled and NOT sampled (the training
+  step samples it with its own generator, `diffusion.data.latents.sample_latent`), or, with
+  `load_vae_feat=False`, the transformed image (3, h, w) in [-1, 1];
+- `caption_feature` (1, L, C) float32 and `attention_mask` (1, L) int64, from the T5 feature file or, with
+  `load_t5_feat=False`, from `text_encoder([prompt])`;
+- `data_info`: `img_hw` float32 [h, w] of the original image, `aspect_ratio` float32 [ratio] (the bucket's
+  for InternalDataMS, the image's own h/w otherwise) and `index`, the record's index.
+The default DataLoader collation batches items. An item depends on its index only: no random flips and no
+resampling. A missing or corrupt file raises `BadRecordError` naming the record and the file; with
+`skip_bad_records=True` the item is a `BadRecord` instead, for `collate_skipping_bad_records` to leave out
+and count (SPEC section 9 point 5: the reference swallowed every error and silently took another image).
+"""
+import torch
+from torch.utils.data import Dataset
+
+from diffusion.data import paths
+from diffusion.data.aspect_ratios import aspect_ratio_table, closest_bucket
+from diffusion.data.datasets.bad_records import BadRecord
+from diffusion.data.errors import BadRecordError, DataError, DataFileError
+from diffusion.data.feature_io import load_caption_feature, load_image, load_vae_feature
+from diffusion.data.records import load_dataset_records
+from diffusion.data.transforms import get_transform
+from diffusion.model.builder import VAE_DOWNSAMPLE
+
+VAE_FEATURE_CHANNELS = 8  # posterior mean and std of a 4-channel latent
+
+
+class InternalData(Dataset):
+    """Images listed in `partition/<image_list_json>` files of the dataset folder `data_root/root`, all at
+    `resolution` x `resolution` (see the module docstring for the item format, `diffusion.data.paths` for
+    where each file lives)."""
+
+    annotation_kind = 'json'  # which record loader reads the annotation files (SAM: 'txt')
+
+    def __init__(self, root, image_list_json=('data_info.json',), transform='default_train', resolution=256,
+                 load_vae_feat=True, load_t5_feat=True, max_length=120, caption_channels=None, text_encoder=None,
+                 skip_bad_records=False, data_root=''):
+        resolution = int(resolution)
+        if resolution <= 0 or resolution % VAE_DOWNSAMPLE:
+            raise ValueError(f'resolution must be a positive multiple of {VAE_DOWNSAMPLE}, got {resolution}')
+        if not load_t5_feat and text_encoder is None:
+            raise ValueError('load_t5_feat=False needs a text_encoder (e.g. a T5Embedder) to encode the captions; '
+                             'otherwise extract the features with tools/extract_features.py')
+        self.dataset_dir = paths.dataset_dir(data_root, root)
+        self.resolution = resolution
+        self.transform = get_transform(transform)
+        self.load_vae_feat = load_vae_feat
+        self.load_t5_feat = load_t5_feat
+        self.max_length = max_length
+        self.caption_channels = caption_channels
+        self.text_encoder = text_encoder
+        self.skip_bad_records = skip_bad_records
+        self.records = load_dataset_records(self.dataset_dir, image_list_json, self.annotation_kind)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self.records):
+            raise IndexError(f'record index {index} out of range for {len(self.records)} records')
+        try:
+            return self.load_item(index)
+        except DataError as err:
+            source = self.records[index].source
+            if self.skip_bad_records:
+                return BadRecord(index, source, str(err))
+            raise BadRecordError(index, source, str(err)) from err
+
+    # ------------------------------------------------------------ per-record choices (InternalDataMS, SAM)
+    def target_size(self, index):
+        """(h, w) in pixels of the record's training image."""
+        return self.resolution, self.resolution
+
+    def data_aspect_ratio(self, index, height, width):
+        """The aspect ratio passed in data_info: the image's own h/w here."""
+        return height / width
+
+    def vae_feature_path(self, record):
+        return paths.vae_feature_path(self.dataset_dir, record.path, self.resolution)
+
+    def original_size(self, record):
+        """(h, w) of the original image, from the annotation."""
+        return record.height, record.width
+
+    def prompt(self, record):
+        return record.prompt
+
+    # ------------------------------------------------------------ loading
+    def load_item(self, index):
+        record = self.records[index]
+        height, width = self.target_size(index)
+        if self.load_vae_feat:
+            x = load_vae_feature(self.vae_feature_path(record),
+                                 (VAE_FEATURE_CHANNELS, height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE))
+            orig_h, orig_w = self.original_size(record)
+        else:
+            image_file = paths.image_path(self.dataset_dir, record.path)
+            image = load_image(image_file)
+            orig_h, orig_w = image.height, image.width
+            if record.height is not None and (orig_h, orig_w) != (record.height, record.width):
+                raise DataFileError(image_file, f'image is {orig_h}x{orig_w} (h x w) but the annotation says '
+                                                f'{record.height}x{record.width}')
+            x = self.transform(image, height, width)
+        caption_feature, attention_mask = self.load_caption(record)
+        data_info = {
+            'img_hw': torch.tensor([orig_h, orig_w], dtype=torch.float32),
+            'aspect_ratio': torch.tensor([self.data_aspect_ratio(index, orig_h, orig_w)], dtype=torch.float32),
+            'index': index,
+        }
+        return x, caption_feature, attention_mask, data_info
+
+    def load_caption(self, record):
+        if self.load_t5_feat:
+            return load_caption_feature(paths.caption_feature_path(self.dataset_dir, record.path),
+                                        self.max_length, self.caption_channels)
+        feature, mask = self.text_encoder([self.prompt(record)])
+        return feature.detach().float().cpu(), mask.detach().long().cpu()
+
+
+class InternalDataMS(InternalData):
+    """InternalData on aspect-ratio buckets: each record goes to the bucket of `aspect_ratio_type` (default
+    `ASPECT_RATIO_<resolution>`) closest to its annotated h/w, is resized to cover the bucket and center-cropped
+    (or its features are read from the multi-scale feature folder), and `data_info['aspect_ratio']` is the
+    bucket's ratio. `bucket_keys[i]` is record i's bucket, for `AspectRatioBatchSampler`."""
+
+    def __init__(self, root, aspect_ratio_type=None, **kwargs):
+        super().__init__(root, **kwargs)
+        self.aspect_ratio_type = aspect_ratio_type or f'ASPECT_RATIO_{self.resolution}'
+        self.buckets = aspect_ratio_table(self.aspect_ratio_type)
+        self.bucket_keys = [closest_bucket(r.height, r.width, self.buckets)[0] for r in self.records]
+
+    def target_size(self, index):
+        return self.buckets[self.bucket_keys[index]]
+
+    def data_aspect_ratio(self, index, height, width):
+        return float(self.bucket_keys[index])
+
+    def vae_feature_path(self, record):
+        return paths.vae_feature_path(self.dataset_dir, record.path, self.resolution, multi_scale=True)

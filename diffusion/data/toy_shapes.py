@@ -1,0 +1,317 @@
+"""The toy dataset: 1-2 coloured shapes on a plain background, with systematic, concept-dense captions.
+
+A scene is a background colour and one or two shapes, each with a colour, a kind, a size and a cell of a
+3 x 3 grid; its caption names all of them, e.g. "a large red circle on the left and a small blue square at
+the top right, on a gray background". `parse_caption` inverts `caption`, and `detect_scene` reads a scene
+back from pixels, so generated images can be scored against their prompts (`alignment_scores`).
+
+Splits: a few (colour, kind) pairs are held out (chosen from the seed, each colour and kind at most once):
+`train` and `val` never contain them, `unseen` scenes always do (their first shape), to test composition.
+Every record is a pure function of (seed, split, index).
+"""
+import math
+import re
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# five hues far apart in RGB: a toy VAE trained for two minutes keeps them apart (orange did not survive)
+COLOURS = {'red': (220, 35, 35), 'yellow': (240, 215, 30), 'green': (30, 165, 60), 'blue': (35, 75, 220),
+           'purple': (150, 40, 210)}
+BACKGROUNDS = {'white': (240, 240, 240), 'gray': (125, 125, 125), 'black': (20, 20, 20)}
+KINDS = ('circle', 'square', 'triangle')  # a small diamond is a blurred circle after an /8 VAE
+SIZES = {'small': 0.2, 'large': 0.28}  # extent as a fraction of the image side; a grid cell is 1/3
+# grid cell (row, column) -> name and the phrase the caption uses
+POSITIONS = {(0, 0): 'top left', (0, 1): 'top', (0, 2): 'top right',
+             (1, 0): 'left', (1, 1): 'center', (1, 2): 'right',
+             (2, 0): 'bottom left', (2, 1): 'bottom', (2, 2): 'bottom right'}
+SPLITS = {'train': 0, 'val': 1, 'unseen': 2}
+NUM_HELD_OUT_PAIRS = 3
+SUPERSAMPLE = 4  # render at 4x and box-filter down: anti-aliased edges
+POSITION_JITTER = 0.01  # of the image side: neighbouring large shapes stay apart
+COLOUR_JITTER = 12  # per channel, shapes; backgrounds get half
+
+
+def position_phrase(position):
+    if position == 'center':
+        return 'in the center'
+    if position in ('left', 'right'):
+        return f'on the {position}'
+    return f'at the {position}'
+
+
+@dataclass(frozen=True)
+class Shape:
+    colour: str
+    kind: str
+    size: str
+    position: str  # a name of POSITIONS
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    shapes: tuple
+
+
+def caption(scene):
+    """The caption of a scene."""
+    parts = [f'a {s.size} {s.colour} {s.kind} {position_phrase(s.position)}' for s in scene.shapes]
+    return f'{" and ".join(parts)}, on a {scene.background} background'
+
+
+_ALTERNATIVES = {key: '|'.join(sorted(map(re.escape, names), key=len, reverse=True)) for key, names in (
+    ('size', SIZES), ('colour', COLOURS), ('kind', KINDS), ('position', POSITIONS.values()),
+    ('background', BACKGROUNDS))}
+_SHAPE_RE = (rf'a (?P<size{{i}}>{_ALTERNATIVES["size"]}) (?P<colour{{i}}>{_ALTERNATIVES["colour"]}) '
+             rf'(?P<kind{{i}}>{_ALTERNATIVES["kind"]}) (?:in|on|at) the (?P<position{{i}}>{_ALTERNATIVES["position"]})')
+_CAPTION_RE = re.compile(rf'{_SHAPE_RE.format(i=0)}(?: and {_SHAPE_RE.format(i=1)})?, '
+                         rf'on a (?P<background>{_ALTERNATIVES["background"]}) background')
+
+
+def parse_caption(text):
+    """The scene a toy caption describes; ValueError for text outside the caption grammar."""
+    match = _CAPTION_RE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f'not a toy-shapes caption: {text!r}; expected e.g. '
+                         f'"a large red circle on the left, on a gray background"')
+    shapes = []
+    for i in (0, 1):
+        if match[f'kind{i}']:
+            shape = Shape(match[f'colour{i}'], match[f'kind{i}'], match[f'size{i}'], match[f'position{i}'])
+            if position_phrase(shape.position) not in text:
+                raise ValueError(f'wrong preposition for {shape.position!r} in {text!r}; '
+                                 f'expected "{position_phrase(shape.position)}"')
+            shapes.append(shape)
+    return Scene(match['background'], tuple(shapes))
+
+
+# ---------------------------------------------------------------- sampling scenes
+
+def held_out_pairs(seed):
+    """The (colour, kind) pairs no training scene contains: NUM_HELD_OUT_PAIRS pairs, each colour and kind
+    at most once, so every colour and every kind still appears in training."""
+    rng = np.random.default_rng((seed, 7919))
+    colours = rng.permutation(list(COLOURS))[:NUM_HELD_OUT_PAIRS]
+    kinds = rng.permutation(list(KINDS))[:NUM_HELD_OUT_PAIRS]
+    return tuple(sorted((str(c), str(k)) for c, k in zip(colours, kinds)))
+
+
+def _pick(rng, names):
+    names = list(names)
+    return names[int(rng.integers(len(names)))]
+
+
+def _random_scene(rng):
+    count = int(rng.integers(1, 3))
+    cells = rng.permutation(len(POSITIONS))[:count]
+    positions = list(POSITIONS.values())
+    shapes = tuple(Shape(_pick(rng, COLOURS), _pick(rng, KINDS), _pick(rng, SIZES), positions[int(c)])
+                   for c in cells)
+    return Scene(_pick(rng, BACKGROUNDS), shapes)
+
+
+def sample_scene(seed, split, index):
+    """Record `index` of `split`: its scene and the rng that renders it (jitter), both from (seed, split, index)."""
+    rng = np.random.default_rng((seed, SPLITS[split], index))
+    held_out = set(held_out_pairs(seed))
+    if split == 'unseen':
+        scene = _random_scene(rng)
+        colour, kind = sorted(held_out)[int(rng.integers(len(held_out)))]
+        first = scene.shapes[0]
+        scene = Scene(scene.background, (Shape(colour, kind, first.size, first.position),) + scene.shapes[1:])
+        return scene, rng
+    while True:  # rejection: about 3 in 4 scenes have no held-out pair
+        scene = _random_scene(rng)
+        if not any((s.colour, s.kind) in held_out for s in scene.shapes):
+            return scene, rng
+
+
+# ---------------------------------------------------------------- rendering
+
+def _jitter_colour(rgb, rng, amount):
+    return tuple(int(np.clip(v + rng.integers(-amount, amount + 1), 0, 255)) for v in rgb)
+
+
+def _cell_centre(position, size):
+    row, col = next(cell for cell, name in POSITIONS.items() if name == position)
+    return (col + 0.5) * size / 3, (row + 0.5) * size / 3
+
+
+def render_scene(scene, image_size=64, rng=None):
+    """The scene as an RGB PIL image of image_size x image_size; `rng` adds small position and colour jitter."""
+    big = image_size * SUPERSAMPLE
+    background = BACKGROUNDS[scene.background]
+    if rng is not None:
+        background = _jitter_colour(background, rng, COLOUR_JITTER // 2)
+    canvas = Image.new('RGB', (big, big), background)
+    draw = ImageDraw.Draw(canvas)
+    for shape in scene.shapes:
+        cx, cy = _cell_centre(shape.position, big)
+        colour = COLOURS[shape.colour]
+        if rng is not None:
+            cx, cy = (v + rng.uniform(-POSITION_JITTER, POSITION_JITTER) * big for v in (cx, cy))
+            colour = _jitter_colour(colour, rng, COLOUR_JITTER)
+        half = SIZES[shape.size] * big / 2
+        if shape.kind == 'circle':
+            draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=colour)
+        elif shape.kind == 'square':
+            side = half * 0.9  # a square of the full extent looks much bigger than the other kinds
+            draw.rectangle([cx - side, cy - side, cx + side, cy + side], fill=colour)
+        else:  # triangle, pointing up
+            draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=colour)
+    return canvas.reduce(SUPERSAMPLE)
+
+
+# ---------------------------------------------------------------- reading scenes back from pixels
+
+FOREGROUND_THRESHOLD = 45  # max channel difference from the background
+MIN_AREA_FRACTION = 0.3  # of a small circle's area: smaller blobs are noise
+
+
+def _nearest(rgb, table):
+    return min(table, key=lambda name: sum((a - b) ** 2 for a, b in zip(rgb, table[name])))
+
+
+def _components(mask):
+    """4-connected components of a boolean mask, as arrays of (row, col) pixel coordinates."""
+    seen = np.zeros_like(mask, dtype=bool)
+    height, width = mask.shape
+    found = []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        queue, pixels = deque([start]), []
+        while queue:
+            r, c = queue.popleft()
+            pixels.append((r, c))
+            for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                if 0 <= nr < height and 0 <= nc < width and mask[nr, nc] and not seen[nr, nc]:
+                    seen[nr, nc] = True
+                    queue.append((nr, nc))
+        found.append(np.array(pixels))
+    return found
+
+
+def _classify_kind(mask):
+    """By the fraction of its bounding box a blob (boolean mask) fills: square 1, circle pi/4, triangle 1/2."""
+    rows, cols = np.nonzero(mask)
+    fill = len(rows) / ((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1))
+    if fill > 0.88:
+        return 'square'
+    return 'circle' if fill > 0.64 else 'triangle'
+
+
+def detect_scene(image):
+    """A Scene read from an RGB image (PIL or uint8 array): background = nearest named colour of the border's
+    median, shapes = connected blobs differing from it, each classified by colour, fill and position."""
+    pixels = np.asarray(image.convert('RGB') if isinstance(image, Image.Image) else image).astype(np.float32)
+    size = pixels.shape[0]
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background_rgb = np.median(border, axis=0)
+    mask = np.abs(pixels - background_rgb).max(axis=2) > FOREGROUND_THRESHOLD
+    min_area = MIN_AREA_FRACTION * math.pi * (SIZES['small'] * size / 2) ** 2
+    size_threshold = (SIZES['small'] + SIZES['large']) / 2 * size
+    shapes = []
+    for blob in _components(mask):
+        if len(blob) < min_area:
+            continue
+        rows, cols = blob[:, 0], blob[:, 1]
+        colour = np.median(pixels[rows, cols], axis=0)
+        # the blob's outline at half its contrast: blurred edges (a VAE's, a generator's) do not swell it
+        contrast = np.abs(pixels - background_rgb).max(axis=2)
+        own = np.zeros_like(mask)
+        own[rows, cols] = True
+        core = own & (contrast > 0.5 * np.abs(colour - background_rgb).max())
+        if not core.any():
+            continue
+        core_rows, core_cols = np.nonzero(core)
+        centre_r = (core_rows.min() + core_rows.max()) / 2
+        centre_c = (core_cols.min() + core_cols.max()) / 2
+        cell = (min(int(centre_r * 3 / size), 2), min(int(centre_c * 3 / size), 2))
+        extent = max(core_rows.max() - core_rows.min(), core_cols.max() - core_cols.min()) + 1
+        shapes.append(Shape(_nearest(colour, COLOURS), _classify_kind(core),
+                            'large' if extent > size_threshold else 'small', POSITIONS[cell]))
+    return Scene(_nearest(background_rgb, BACKGROUNDS), tuple(shapes))
+
+
+def alignment_scores(images, scenes):
+    """How well images show their scenes, as fractions in [0, 1]: `background`, `count` (as many blobs as
+    shapes), and per described shape `position` (a blob in its cell), `colour`, `kind`, `size` (that blob's
+    attributes; a missing blob counts as wrong) and `all` (every attribute right)."""
+    totals = dict(background=0, count=0, position=0, colour=0, kind=0, size=0, all=0)
+    num_shapes = 0
+    for image, scene in zip(images, scenes, strict=True):
+        found = detect_scene(image)
+        totals['background'] += found.background == scene.background
+        totals['count'] += len(found.shapes) == len(scene.shapes)
+        for shape in scene.shapes:
+            num_shapes += 1
+            match = next((f for f in found.shapes if f.position == shape.position), None)
+            if match is None:
+                continue
+            hits = {key: getattr(match, key) == getattr(shape, key) for key in ('colour', 'kind', 'size')}
+            totals['position'] += 1
+            for key, hit in hits.items():
+                totals[key] += hit
+            totals['all'] += all(hits.values())
+    per_scene = ('background', 'count')
+    return {key: value / (len(scenes) if key in per_scene else max(num_shapes, 1)) for key, value in totals.items()}
+
+
+# ---------------------------------------------------------------- writing the dataset
+
+SPLIT_FILES = {'train': 'data_info.json', 'val': 'val_info.json', 'unseen': 'unseen_info.json'}
+MANIFEST = 'toy_shapes.json'
+
+
+def write_toy_dataset(out_dir, num_train=4000, num_val=200, num_unseen=200, image_size=64, seed=0,
+                      overwrite=False, progress=True):
+    """Render the toy dataset into `out_dir` in the InternalData layout: `images/<split>/<index>.png` and
+    `partition/{data_info,val_info,unseen_info}.json`, plus `toy_shapes.json` describing the build. An
+    existing toy folder is replaced only with `overwrite` (its features go too: they would be stale).
+    Returns the manifest dict."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from diffusion.data import paths
+    from diffusion.data.feature_io import atomic_write_text, save_png
+
+    out_dir = Path(out_dir)
+    if image_size % 8 or image_size < 32:
+        raise ValueError(f'image_size must be a multiple of 8 and at least 32, got {image_size}')
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / MANIFEST).is_file():
+            raise FileExistsError(f'{out_dir} is not empty and is not a toy-shapes folder (no {MANIFEST}); '
+                                  f'choose another --out')
+        if not overwrite:
+            raise FileExistsError(f'{out_dir} already holds a toy dataset; pass --overwrite to rebuild it '
+                                  f'(its extracted features are deleted too)')
+        shutil.rmtree(out_dir)
+    counts = {'train': num_train, 'val': num_val, 'unseen': num_unseen}
+    bar = tqdm(total=sum(counts.values()), desc='rendering', unit='img', disable=not progress, dynamic_ncols=True)
+    for split, count in counts.items():
+        records = []
+        for index in range(count):
+            scene, rng = sample_scene(seed, split, index)
+            rel_path = f'{split}/{index:05d}.png'
+            save_png(paths.image_path(out_dir, rel_path), render_scene(scene, image_size, rng))
+            records.append({'path': rel_path, 'prompt': caption(scene), 'height': image_size,
+                            'width': image_size, 'ratio': 1.0})
+            bar.update(1)
+        atomic_write_text(paths.annotation_path(out_dir, SPLIT_FILES[split]), json.dumps(records, indent=1))
+    bar.close()
+    manifest = {
+        'seed': seed, 'image_size': image_size, 'counts': counts, 'annotation_files': SPLIT_FILES,
+        'held_out_pairs': [list(p) for p in held_out_pairs(seed)], 'colours': list(COLOURS),
+        'backgrounds': list(BACKGROUNDS), 'kinds': list(KINDS), 'sizes': list(SIZES),
+        'positions': list(POSITIONS.values()),
+    }
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest

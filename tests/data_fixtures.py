@@ -1,0 +1,70 @@
+"""Tiny datasets, encoders and helpers shared by the data tests (tests/test_data_*.py, test_toy_recipe.py)."""
+import json
+import zlib
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffusion.data import paths
+from diffusion.data.extract import FeatureExtractor
+from diffusion.data.records import load_dataset_records
+
+MAX_LENGTH, CHANNELS = 6, 8
+# (height, width) of the test images: square, wide, tall and nearly square
+SIZES = [(64, 64), (48, 96), (96, 48), (64, 64), (72, 64), (48, 96)]
+
+
+def write_image(path, height, width, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+
+
+def make_dataset(root, sizes=SIZES, json_name='data_info.json', subdir='set'):
+    """A dataset folder with random images of `sizes` and an annotation json; returns the folder."""
+    items = []
+    for i, (h, w) in enumerate(sizes):
+        rel = f'{subdir}/img{i}.png'
+        write_image(paths.image_path(root, rel), h, w, seed=i)
+        items.append({'path': rel, 'prompt': f'caption number {i}', 'height': h, 'width': w, 'ratio': h / w})
+    annotation = paths.annotation_path(root, json_name)
+    annotation.parent.mkdir(parents=True, exist_ok=True)
+    annotation.write_text(json.dumps(items))
+    return root
+
+
+class HashTextEncoder:
+    """A stand-in text encoder: features seeded by each prompt's text, mask = its word count + 1 (EOS)."""
+
+    def __init__(self, max_length=MAX_LENGTH, channels=CHANNELS):
+        self.max_length, self.channels = max_length, channels
+        self.calls = 0
+
+    def __call__(self, prompts):
+        self.calls += 1
+        features, masks = [], []
+        for prompt in prompts:
+            gen = torch.Generator().manual_seed(zlib.crc32(prompt.encode()))
+            features.append(torch.randn(self.max_length, self.channels, generator=gen))
+            mask = torch.zeros(self.max_length, dtype=torch.long)
+            mask[:min(len(prompt.split()) + 1, self.max_length)] = 1
+            masks.append(mask)
+        return torch.stack(features), torch.stack(masks)
+
+
+def tiny_vae(seed=0):
+    """A random AutoencoderKL with the pipeline's /8 downsampling and 4 latent channels."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    return AutoencoderKL(down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
+                         block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
+                         norm_num_groups=4, sample_size=64).eval()
+
+
+def extractor(root, text_encoder=None, vae=None, json_names=('data_info.json',), image_size=64, table=None,
+              **kwargs):
+    records = load_dataset_records(root, list(json_names), 'json')
+    return FeatureExtractor(root, records, text_encoder=text_encoder, vae=vae, image_size=image_size,
+                            bucket_table=table, max_length=MAX_LENGTH, caption_channels=CHANNELS, batch_size=4,
+                            progress=False, **kwargs), records

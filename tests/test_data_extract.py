@@ -1,0 +1,117 @@
+"""Feature extraction: resume, sharding, failures that do not stop the run, multi-scale sizes, the CLI."""
+import json
+
+import numpy as np
+import pytest
+
+from diffusion.data import paths
+from diffusion.data.aspect_ratios import aspect_ratio_table, closest_bucket
+from diffusion.data.extract import shard_indices
+from diffusion.data.feature_io import load_vae_feature
+from tests.data_fixtures import SIZES, HashTextEncoder, extractor, make_dataset, tiny_vae, write_image
+
+
+@pytest.fixture(scope='module')
+def vae():
+    return tiny_vae()
+
+
+def feature_files(root):
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob('*') if p.suffix in ('.npz', '.npy'))
+
+
+def test_resume_skips_finished_files(tmp_path, vae):
+    root = make_dataset(tmp_path / 'ds')
+    ex, records = extractor(root, HashTextEncoder(), vae)
+    first = ex.run([0, 1, 2], tmp_path / 'f.jsonl')
+    assert first.counts['t5'].written == 3 and first.counts['vae'].written == 3
+    done = paths.vae_feature_path(root, records[0].path, 64)
+    stamp = done.stat().st_mtime_ns
+    encoder = HashTextEncoder()
+    ex, _ = extractor(root, encoder, vae)
+    second = ex.run(list(range(len(records))), tmp_path / 'f.jsonl')
+    assert second.counts['t5'].skipped == 3 and second.counts['t5'].written == len(records) - 3
+    assert second.counts['vae'].skipped == 3 and second.counts['vae'].written == len(records) - 3
+    assert done.stat().st_mtime_ns == stamp
+    assert not list(root.rglob('*.tmp'))  # atomic writes leave no temp files
+
+
+def test_verify_existing_redoes_damaged_files(tmp_path, vae):
+    root = make_dataset(tmp_path / 'ds')
+    ex, records = extractor(root, HashTextEncoder(), vae)
+    ex.run([0, 1], tmp_path / 'f.jsonl')
+    paths.caption_feature_path(root, records[1].path).write_bytes(b'not a zip')
+    ex, _ = extractor(root, HashTextEncoder(), vae, verify_existing=True)
+    summary = ex.run([0, 1], tmp_path / 'f.jsonl')
+    assert (summary.counts['t5'].skipped, summary.counts['t5'].written) == (1, 1)
+
+
+def test_sharded_extraction_covers_every_record_exactly_once(tmp_path, vae):
+    n, world = len(SIZES), 4
+    shards = [shard_indices(n, 0, None, rank, world) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(n))
+    assert shard_indices(10, 2, 8, 1, 3) == [3, 6]
+    root = make_dataset(tmp_path / 'ds')
+    written = 0
+    for rank, shard in enumerate(shards):
+        ex, _ = extractor(root, HashTextEncoder(), vae)
+        summary = ex.run(shard, paths.failures_path(root, rank, world))
+        written += summary.counts['t5'].written
+        assert summary.counts['t5'].skipped == 0
+    assert written == n and len(feature_files(root)) == 2 * n
+    with pytest.raises(ValueError, match='rank 4 of 4'):
+        shard_indices(n, 0, None, 4, 4)
+
+
+def test_a_corrupt_image_is_reported_and_the_run_goes_on(tmp_path, vae):
+    root = make_dataset(tmp_path / 'ds')
+    bad = paths.image_path(root, 'set/img2.png')
+    bad.write_bytes(b'\x89PNG garbage')
+    ex, records = extractor(root, HashTextEncoder(), vae)
+    failures_file = tmp_path / 'failures.jsonl'
+    summary = ex.run(list(range(len(records))), failures_file)
+    assert summary.counts['vae'].written == len(records) - 1 and summary.counts['vae'].failed == 1
+    listed = [json.loads(line) for line in failures_file.read_text().splitlines()]
+    assert listed == [{'index': 2, 'source': 'partition/data_info.json record 2', 'image': 'set/img2.png',
+                       'feature': 'vae', 'error': listed[0]['error']}]
+    assert str(bad) in listed[0]['error'] and 'failed' in summary.text()
+    # once the image is fixed, a rerun does the missing record only and clears the failure list
+    write_image(bad, *SIZES[2], seed=2)
+    summary = ex.run(list(range(len(records))), failures_file)
+    assert summary.counts['vae'].written == 1 and not failures_file.exists()
+
+
+def test_multi_scale_features_have_their_bucket_size(tmp_path, vae):
+    root = make_dataset(tmp_path / 'ds')
+    table = aspect_ratio_table('ASPECT_RATIO_256')
+    ex, records = extractor(root, None, vae, image_size=256, table=table)
+    summary = ex.run(list(range(len(records))), tmp_path / 'f.jsonl')
+    assert summary.counts['vae'].written == len(records) and summary.counts['t5'].written == 0
+    for record, (h, w) in zip(records, SIZES):
+        bh, bw = closest_bucket(h, w, table)[1]
+        feature = load_vae_feature(paths.vae_feature_path(root, record.path, 256, multi_scale=True))
+        assert feature.shape == (8, bh // 8, bw // 8)
+        assert (feature[4:] > 0).all()  # the std half is positive
+
+
+def test_features_can_be_stored_in_float16(tmp_path, vae):
+    root = make_dataset(tmp_path / 'ds', sizes=SIZES[:2])
+    ex, records = extractor(root, HashTextEncoder(), vae, feature_dtype=np.float16)
+    ex.run([0, 1], tmp_path / 'f.jsonl')
+    with np.load(paths.caption_feature_path(root, records[0].path)) as npz:
+        assert npz['caption_feature'].dtype == np.float16 and npz['attention_mask'].dtype == np.int64
+
+
+@pytest.mark.parametrize('tool', ['extract_features', 'make_toy_dataset', 'build_toy_encoders'])
+def test_every_flag_is_documented_in_help(tool, capsys):
+    import importlib
+    module = importlib.import_module(f'tools.{tool}')
+    parser = module.build_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(['--help'])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, f'{action.option_strings or action.dest} has no help'
+        for option in action.option_strings:
+            assert option in text

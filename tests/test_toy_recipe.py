@@ -1,0 +1,118 @@
+"""The toy recipe: scenes and captions, the dataset writer, and the three tools end to end at a tiny size."""
+import json
+
+import pytest
+import torch
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader
+
+from diffusion.data import paths
+from diffusion.data.datasets import build_dataset_from_config
+from diffusion.data.latents import sample_latent
+from diffusion.data.toy_shapes import (
+    Scene,
+    Shape,
+    alignment_scores,
+    caption,
+    held_out_pairs,
+    parse_caption,
+    render_scene,
+    sample_scene,
+    write_toy_dataset,
+)
+from diffusion.model.builder import build_model_from_config
+from diffusion.utils.config import load_config
+from tests.conftest import REPO
+
+TOY_CONFIG = REPO / 'configs/pixart_config/PixArt_toy_shapes.py'
+
+
+def test_captions_name_every_concept_and_parse_back():
+    scene = Scene('gray', (Shape('red', 'circle', 'large', 'left'), Shape('blue', 'square', 'small', 'top right')))
+    text = caption(scene)
+    assert text == 'a large red circle on the left and a small blue square at the top right, on a gray background'
+    assert parse_caption(text) == scene
+    for index in range(200):
+        scene, _ = sample_scene(0, 'train', index)
+        assert parse_caption(caption(scene)) == scene
+    with pytest.raises(ValueError, match='not a toy-shapes caption'):
+        parse_caption('a photo of a cat')
+
+
+def test_scenes_are_deterministic_and_held_out_pairs_stay_out_of_training():
+    held = set(held_out_pairs(0))
+    assert len({c for c, _ in held}) == len(held) == len({k for _, k in held})
+    for index in range(300):
+        for split in ('train', 'val'):
+            scene, _ = sample_scene(0, split, index)
+            assert not any((s.colour, s.kind) in held for s in scene.shapes)
+        unseen, _ = sample_scene(0, 'unseen', index)
+        assert (unseen.shapes[0].colour, unseen.shapes[0].kind) in held
+    a, rng_a = sample_scene(7, 'train', 11)
+    b, rng_b = sample_scene(7, 'train', 11)
+    assert a == b and render_scene(a, 64, rng_a).tobytes() == render_scene(b, 64, rng_b).tobytes()
+
+
+def test_shapes_are_read_back_from_rendered_images():
+    scenes, images = [], []
+    for index in range(150):
+        scene, rng = sample_scene(3, 'train', index)
+        scenes.append(scene)
+        images.append(render_scene(scene, 64, rng))
+    assert alignment_scores(images, scenes) == dict(background=1, count=1, position=1, colour=1, kind=1, size=1, all=1)
+    # a slightly blurred image (as a VAE gives) still reads right; a wrong colour does not
+    blurred = alignment_scores([im.filter(ImageFilter.GaussianBlur(0.8)) for im in images], scenes)
+    assert blurred['colour'] == 1 and blurred['position'] == 1 and blurred['kind'] > 0.9
+    recoloured = [Scene(s.background, tuple(Shape('green' if x.colour != 'green' else 'red', x.kind, x.size,
+                                                   x.position) for x in s.shapes)) for s in scenes]
+    assert alignment_scores(images, recoloured)['colour'] == 0
+
+
+def test_the_dataset_writer_lays_out_internal_data_and_guards_existing_folders(tmp_path):
+    out = tmp_path / 'toy'
+    manifest = write_toy_dataset(out, num_train=5, num_val=2, num_unseen=2, image_size=32, seed=1, progress=False)
+    records = json.loads(paths.annotation_path(out, 'data_info.json').read_text())
+    assert len(records) == 5 and manifest['counts'] == {'train': 5, 'val': 2, 'unseen': 2}
+    first = records[0]
+    assert set(first) == {'path', 'prompt', 'height', 'width', 'ratio'}
+    assert Image.open(paths.image_path(out, first['path'])).size == (32, 32)
+    assert first['prompt'] == caption(sample_scene(1, 'train', 0)[0])
+    with pytest.raises(FileExistsError, match='--overwrite'):
+        write_toy_dataset(out, num_train=5, progress=False)
+    write_toy_dataset(out, num_train=3, num_val=0, num_unseen=0, image_size=32, overwrite=True, progress=False)
+    assert len(json.loads(paths.annotation_path(out, 'data_info.json').read_text())) == 3
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'other' / 'keep.txt').write_text('x')
+    with pytest.raises(FileExistsError, match='not a toy-shapes folder'):
+        write_toy_dataset(tmp_path / 'other', overwrite=True, progress=False)
+
+
+def test_recipe_end_to_end_at_a_tiny_size(tmp_path):
+    """make_toy_dataset -> build_toy_encoders -> extract_features -> dataset of the toy config -> model step."""
+    from tools import build_toy_encoders, extract_features, make_toy_dataset
+    data, encoders = tmp_path / 'data' / 'toy_shapes', tmp_path / 'enc'
+    assert make_toy_dataset.main(['--out', str(data), '--num-train', '16', '--num-val', '4', '--num-unseen', '2',
+                                  '--no-progress']) == 0
+    assert build_toy_encoders.main(['--data', str(data), '--out', str(encoders), '--config', 'none',
+                                    '--t5-width', '32', '--t5-heads', '2', '--t5-layers', '1',
+                                    '--vae-steps', '2', '--vae-batch-size', '4', '--vae-channels', '8,8,8,8',
+                                    '--no-progress']) == 0
+    report = json.loads((encoders / 'vae' / 'vae_report.json').read_text())
+    assert report['scale_factor'] > 0 and (encoders / 'vae' / 'reconstructions.png').is_file()
+    options = {'data_root': str(tmp_path / 'data'), 't5_pretrained': str(encoders / 't5'),
+               'vae_pretrained': str(encoders / 'vae'), 'caption_channels': 32,
+               'scale_factor': report['scale_factor']}
+    cli_options = ['--cfg-options'] + [f'{k}={v}' for k, v in options.items()]
+    assert extract_features.main([str(TOY_CONFIG), *cli_options, '--no-progress', '--device', 'cpu']) == 0
+    cfg = load_config(TOY_CONFIG, options)
+    dataset = build_dataset_from_config(cfg)
+    assert len(dataset) == 16
+    x, y, mask, info = next(iter(DataLoader(dataset, batch_size=4)))
+    assert x.shape == (4, 8, 8, 8) and y.shape == (4, 1, 32, 32) and mask.shape == (4, 1, 32)
+    model = build_model_from_config(cfg.with_overrides({'model_kwargs': dict(depth=1, hidden_size=48, num_heads=2,
+                                                                               patch_size=2)}))
+    latent = sample_latent(x, cfg.scale_factor, generator=torch.Generator().manual_seed(0))
+    out = model(latent, torch.tensor([10, 200, 500, 999]), y, mask, data_info=info)
+    assert out.shape == (4, 8, 8, 8) and torch.isfinite(out).all()
+    # a second extraction finds every file in place
+    assert extract_features.main([str(TOY_CONFIG), *cli_options, '--no-progress', '--device', 'cpu']) == 0

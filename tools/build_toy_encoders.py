@@ -1,0 +1,180 @@
+"""Build the toy text encoder and VAE for a toy-shapes dataset (tools/make_toy_dataset.py).
+
+Writes two folders under --out that load exactly like the real encoders:
+  t5/   sentencepiece tokenizer trained on the captions + a small random T5EncoderModel
+        (diffusion.model.t5.T5Embedder(folder), like t5-v1_1-xxl)
+  vae/  AutoencoderKL (/8, 4 latent channels) trained on the training images, its scaling_factor in
+        config.json, plus vae_report.json (PSNR on the val images, scale factor) and reconstructions.png
+        (val images above, their reconstructions below) (AutoencoderKL.from_pretrained(folder), like
+        sd-vae-ft-ema)
+The scale factor and caption width/length are compared with --config; a mismatch is reported with the
+--cfg-options that fixes it.
+
+Example (the toy recipe, see README):
+  python tools/build_toy_encoders.py --data data/toy_shapes --out output/pretrained_models/toy
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusion.data import paths
+from diffusion.data.errors import DataError
+from diffusion.data.feature_io import atomic_write_text, load_image, save_png
+from diffusion.data.records import load_dataset_records
+from diffusion.data.toy_encoders import (
+    build_toy_t5,
+    images_to_tensor,
+    latent_scale_factor,
+    max_token_count,
+    psnr,
+    reconstruct,
+    save_toy_vae,
+    train_toy_vae,
+)
+from diffusion.data.toy_shapes import SPLIT_FILES, alignment_scores, parse_caption
+from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
+
+DEFAULT_CONFIG = 'configs/pixart_config/PixArt_toy_shapes.py'
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=__doc__.split('\n\n', 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data', default='data/toy_shapes', help='toy dataset folder (default data/toy_shapes)')
+    parser.add_argument('--out', default='output/pretrained_models/toy',
+                        help='where to write t5/ and vae/ (default output/pretrained_models/toy)')
+    parser.add_argument('--config', default=DEFAULT_CONFIG,
+                        help=f'config to check the encoders against: caption_channels, model_max_length, '
+                             f'scale_factor (default {DEFAULT_CONFIG}; "none" to skip)')
+    add_cfg_options_argument(parser)
+    parser.add_argument('--skip-t5', action='store_true', help='do not build the text encoder')
+    parser.add_argument('--skip-vae', action='store_true', help='do not build the VAE')
+    parser.add_argument('--t5-width', type=int, default=128, help='T5 d_model = caption feature width (default 128)')
+    parser.add_argument('--t5-layers', type=int, default=2, help='T5 encoder layers (default 2)')
+    parser.add_argument('--t5-heads', type=int, default=4, help='T5 attention heads (default 4)')
+    parser.add_argument('--vocab-size', type=int, default=192, help='tokenizer vocabulary size (default 192)')
+    parser.add_argument('--max-length', type=int, default=32,
+                        help='caption tokens the pipeline uses; every caption must fit (default 32)')
+    parser.add_argument('--vae-steps', type=int, default=1000, help='VAE training steps (default 1000)')
+    parser.add_argument('--vae-batch-size', type=int, default=16, help='VAE training batch (default 16)')
+    parser.add_argument('--vae-lr', type=float, default=2e-3, help='VAE peak learning rate (default 2e-3)')
+    parser.add_argument('--vae-channels', default='16,16,32,64',
+                        help='AutoencoderKL block_out_channels, 4 levels = /8 (default 16,16,32,64)')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s choice)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the encoders\' weights and training (default 0)')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bars')
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.vae_channels = tuple(int(c) for c in args.vae_channels.split(','))
+    except ValueError:
+        parser.error(f'--vae-channels expects comma-separated integers, got {args.vae_channels!r}')
+    if len(args.vae_channels) != 4:
+        parser.error(f'--vae-channels needs 4 levels (3 halvings = /8), got {len(args.vae_channels)}')
+    if args.skip_t5 and args.skip_vae:
+        parser.error('--skip-t5 and --skip-vae leave nothing to do')
+    return args
+
+
+def read_split(dataset, split):
+    """(records, uint8 images (N, H, W, 3)) of a toy split."""
+    records = load_dataset_records(dataset, [SPLIT_FILES[split]], 'json')
+    images = np.stack([np.asarray(load_image(paths.image_path(dataset, r.path))) for r in records])
+    return records, images
+
+
+def check_against_config(args, found):
+    """Messages for every config value that differs from what was built."""
+    if args.config.lower() == 'none':
+        return []
+    cfg = load_config(args.config, args.cfg_options)
+    notes = []
+    for key, value in found.items():
+        expected = cfg[key]
+        differs = abs(expected - value) > 0.05 * abs(value) if key == 'scale_factor' else expected != value
+        if differs:
+            notes.append(f'{args.config}: {key} = {expected}, the encoders give {value:.6g}: '
+                         f'pass --cfg-options {key}={value:.6g} (or edit the config)')
+    return notes
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dataset, out = Path(args.data), Path(args.out)
+    started = time.time()
+    found, report = {}, {}
+    try:
+        train_records, train_images = read_split(dataset, 'train')
+        if not args.skip_t5:
+            captions = [r.prompt for r in train_records]
+            for split in ('val', 'unseen'):
+                captions += [r.prompt for r in load_dataset_records(dataset, [SPLIT_FILES[split]], 'json')]
+            t5_dir = build_toy_t5(captions, out / 't5', width=args.t5_width, num_layers=args.t5_layers,
+                                  num_heads=args.t5_heads, vocab_size=args.vocab_size, seed=args.seed)
+            from diffusion.model.t5 import T5Embedder, clean_caption
+            embedder = T5Embedder(t5_dir, model_max_length=args.max_length)
+            longest = max_token_count(embedder.tokenizer, [clean_caption(c) for c in captions])
+            if longest > args.max_length:
+                print(f'error: a caption needs {longest} tokens, more than --max-length {args.max_length}',
+                      file=sys.stderr)
+                return 2
+            found.update(caption_channels=args.t5_width, model_max_length=args.max_length)
+            print(f'T5: {t5_dir} (vocabulary {len(embedder.tokenizer)}, width {args.t5_width}, longest caption '
+                  f'{longest} tokens of {args.max_length})')
+        if not args.skip_vae:
+            val_records, val_images = read_split(dataset, 'val')
+            vae, history = train_toy_vae(train_images, steps=args.vae_steps, batch_size=args.vae_batch_size,
+                                         lr=args.vae_lr, block_out_channels=args.vae_channels, seed=args.seed,
+                                         progress=not args.no_progress)
+            val = images_to_tensor(val_images)
+            reconstructions = reconstruct(vae, val)
+            scale_factor = latent_scale_factor(vae, images_to_tensor(train_images[:1000]), seed=args.seed)
+            vae_dir = save_toy_vae(vae, out / 'vae', scale_factor)
+            scores = alignment_scores(to_uint8(reconstructions), [parse_caption(r.prompt) for r in val_records])
+            report = {'psnr_val_db': round(psnr(reconstructions, val), 2), 'scale_factor': scale_factor,
+                      'reconstruction_alignment': {k: round(v, 3) for k, v in scores.items()},
+                      'steps': args.vae_steps, 'final_train_mse': float(np.mean(history[-50:])),
+                      'block_out_channels': list(args.vae_channels), 'train_images': len(train_images),
+                      'val_images': len(val_images)}
+            atomic_write_text(vae_dir / 'vae_report.json', json.dumps(report, indent=1))
+            save_png(vae_dir / 'reconstructions.png', reconstruction_grid(val[:16], reconstructions[:16]))
+            found['scale_factor'] = scale_factor
+            print(f'VAE: {vae_dir} (PSNR {report["psnr_val_db"]:.2f} dB on {len(val_images)} val images, '
+                  f'scale_factor {scale_factor:.6g}; reconstructions.png shows them)\n'
+                  f'  shapes read back from the reconstructions (the ceiling for generated images): '
+                  + ', '.join(f'{k} {v:.2f}' for k, v in scores.items()))
+        notes = check_against_config(args, found)
+    except (DataError, ConfigError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f'warning: {note}')
+    print(f'done in {time.time() - started:.1f} s')
+    return 0
+
+
+def to_uint8(images):
+    """(N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def reconstruction_grid(originals, reconstructions):
+    """A PIL image: originals in the top row, their reconstructions below."""
+    from PIL import Image
+    rows = [np.concatenate(list(to_uint8(batch)), axis=1) for batch in (originals, reconstructions)]
+    return Image.fromarray(np.concatenate(rows, axis=0))
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Extract T5 caption features (.npz) and VAE features (.npy) for the dataset a config trains on.
+
+The dataset folder is `data_root/data.root` of the config; the records come from its `data.image_list_json`
+(InternalData, InternalDataMS) or `data.image_list_txt` (SAM) partition files; the encoders from
+`t5_pretrained` and `vae_pretrained`; the size from `image_size` (InternalDataMS: the buckets of
+`aspect_ratio_type`). Files go where the datasets read them (diffusion/data/paths.py). Existing files are
+skipped, so an interrupted run resumes. Exit status 1 when some records failed (they are listed in a file).
+
+Examples:
+  python tools/extract_features.py configs/pixart_config/PixArt_toy_shapes.py
+  python tools/extract_features.py configs/pixart_config/PixArt_xl2_img512_internalms.py --device cuda \\
+      --cfg-options data_root=/data t5_pretrained=output/pretrained_models/t5_ckpts/t5-v1_1-xxl
+  # 8 GPUs on one machine: one process per GPU, each takes every 8th record
+  torchrun --nproc_per_node=8 tools/extract_features.py CONFIG --device cuda
+  # or split by hand across machines
+  python tools/extract_features.py CONFIG --start 0 --end 500000
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusion.data import paths
+from diffusion.data.aspect_ratios import aspect_ratio_table
+from diffusion.data.errors import DataError
+from diffusion.data.extract import FeatureExtractor, shard_indices
+from diffusion.data.records import load_dataset_records
+from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=__doc__.split('\n\n', 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('config', help='training config naming the dataset, encoders, image size and caption length')
+    add_cfg_options_argument(parser)
+    parser.add_argument('--annotations', nargs='+', metavar='NAME',
+                        help='partition files to extract (default: the config\'s data.image_list_json, or '
+                             'data.image_list_txt for SAM), e.g. --annotations data_info.json val_info.json')
+    parser.add_argument('--skip-t5', action='store_true', help='do not extract T5 caption features')
+    parser.add_argument('--skip-vae', action='store_true', help='do not extract VAE features')
+    parser.add_argument('--batch-size', type=int, default=32, help='captions or images per encoder call (default 32)')
+    parser.add_argument('--num-workers', type=int, default=0,
+                        help='image-loading worker processes (default 0: load in the main process)')
+    parser.add_argument('--device', default=None,
+                        help='torch device for the encoders (default: cuda:LOCAL_RANK when CUDA is available, '
+                             'else cpu)')
+    parser.add_argument('--t5-dtype', choices=('fp32', 'fp16', 'bf16'), default=None,
+                        help='T5 weight dtype (default: bf16 on CUDA, fp32 on CPU)')
+    parser.add_argument('--t5-8bit', action='store_true', help='load T5 in 8 bits (needs bitsandbytes and CUDA)')
+    parser.add_argument('--vae-dtype', choices=('fp32', 'fp16', 'bf16'), default='fp32',
+                        help='VAE weight dtype (default fp32)')
+    parser.add_argument('--feature-dtype', choices=('float32', 'float16'), default='float32',
+                        help='dtype of the stored features (default float32; float16 halves the disk space)')
+    parser.add_argument('--start', type=int, default=0, help='first record index to consider (default 0)')
+    parser.add_argument('--end', type=int, default=None, help='one past the last record index (default: all)')
+    parser.add_argument('--rank', type=int, default=None,
+                        help='this shard: takes records start+rank, start+rank+world_size, ... '
+                             '(default: env RANK or 0)')
+    parser.add_argument('--world-size', type=int, default=None,
+                        help='number of shards (default: env WORLD_SIZE or 1)')
+    parser.add_argument('--verify-existing', action='store_true',
+                        help='open every existing feature file and redo those that are damaged (default: skip any '
+                             'existing file; writes are atomic, so they are complete)')
+    parser.add_argument('--failures-file', default=None,
+                        help='where to list failed records, one json object a line (default: '
+                             '<dataset>/extract_failures[_rankR_of_W].jsonl)')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bars')
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
+    return 'cpu'
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.skip_t5 and args.skip_vae:
+        raise SystemExit('error: --skip-t5 and --skip-vae leave nothing to do')
+    rank = args.rank if args.rank is not None else int(os.environ.get('RANK', 0))
+    world_size = args.world_size if args.world_size is not None else int(os.environ.get('WORLD_SIZE', 1))
+    try:
+        cfg = load_config(args.config, args.cfg_options)
+    except ConfigError as err:
+        raise SystemExit(f'error: {err}')
+    data = cfg.data
+    dataset = paths.dataset_dir(cfg.data_root, data.root)
+    kind = 'txt' if data.type == 'SAM' else 'json'
+    names = args.annotations or (data.get('image_list_txt') if kind == 'txt' else data.get('image_list_json'))
+    multi_scale = data.type == 'InternalDataMS'
+    table = aspect_ratio_table(cfg.aspect_ratio_type or f'ASPECT_RATIO_{cfg.image_size}') if multi_scale else None
+    try:
+        records = load_dataset_records(dataset, names, kind)
+        indices = shard_indices(len(records), args.start, args.end, rank, world_size)
+    except (DataError, ValueError) as err:
+        raise SystemExit(f'error: {err}')
+    device = args.device or default_device()
+    print(f'{dataset}: {len(records)} records, shard {rank}/{world_size} of [{args.start}, {args.end or len(records)}) '
+          f'has {len(indices)}; image size {cfg.image_size}{" (multi-scale buckets)" if multi_scale else ""}; '
+          f'device {device}', flush=True)
+
+    text_encoder = prompt_of = vae = None
+    if not args.skip_t5:
+        from diffusion.model.t5 import T5Embedder
+        text_encoder = T5Embedder(cfg.t5_pretrained, device=device, torch_dtype=args.t5_dtype,
+                                  model_max_length=cfg.model_max_length, load_in_8bit=args.t5_8bit)
+        if text_encoder.hidden_size != cfg.caption_channels:
+            raise SystemExit(f'error: {cfg.t5_pretrained} gives {text_encoder.hidden_size}-wide features, the config '
+                             f'says caption_channels={cfg.caption_channels}')
+        if kind == 'txt':
+            from diffusion.data.datasets.sam import read_caption
+            prompt_of = lambda record: read_caption(dataset, record.path)  # noqa: E731
+    if not args.skip_vae:
+        from diffusers import AutoencoderKL
+        from diffusion.model.t5 import resolve_dtype
+        vae = AutoencoderKL.from_pretrained(cfg.vae_pretrained, local_files_only=True,
+                                            torch_dtype=resolve_dtype(args.vae_dtype, device)).to(device).eval()
+
+    extractor = FeatureExtractor(
+        dataset, records, text_encoder=text_encoder, vae=vae, image_size=cfg.image_size, bucket_table=table,
+        max_length=cfg.model_max_length, caption_channels=cfg.caption_channels, transform=data.transform,
+        batch_size=args.batch_size, num_workers=args.num_workers, feature_dtype=np.dtype(args.feature_dtype),
+        verify_existing=args.verify_existing, prompt_of=prompt_of, progress=not args.no_progress)
+    failures_file = args.failures_file or paths.failures_path(dataset, rank, world_size)
+    started = time.time()
+    summary = extractor.run(indices, failures_file=Path(failures_file))
+    print(summary.text())
+    print(f'features under {dataset} ({time.time() - started:.1f} s)')
+    return 1 if summary.failures else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
