@@ -1,0 +1,38 @@
+"""Everything a training run reads: the dataset, its resumable distributed batch sampler and loader, the VAE
+(only when the dataset yields images rather than VAE features) and the validation-grid sampler."""
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from diffusion.data.datasets.builder import build_dataset_from_config
+from diffusion.data.datasets.sampler import build_batch_sampler
+
+
+@dataclass
+class TrainData:
+    dataset: object
+    batch_sampler: object  # set_epoch(epoch, start_batch=k) picks the epoch and resumes at this rank's batch k
+    loader: DataLoader
+    vae: object = None
+    visualizer: object = None
+
+
+def build_train_data(cfg, rank, world_size, num_workers, device):
+    dataset = build_dataset_from_config(cfg)
+    batch_sampler = build_batch_sampler(dataset, cfg.train_batch_size, num_replicas=world_size, rank=rank,
+                                        shuffle=True, seed=cfg.seed, drop_last=True,
+                                        accumulation=cfg.gradient_accumulation_steps)
+    loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                        pin_memory=torch.device(device).type == "cuda")
+    vae = None
+    if not cfg.data.get("load_vae_feat", True) or (cfg.eval_interval and cfg.validation_prompts):
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(cfg.vae_pretrained, local_files_only=True).to(device).eval()
+        vae.requires_grad_(False)
+    visualizer = None
+    if cfg.eval_interval and cfg.validation_prompts:
+        from diffusion.train.visualize import ValidationSampler
+        visualizer = ValidationSampler(cfg, vae, device)
+    return TrainData(dataset, batch_sampler, loader, vae if not cfg.data.get("load_vae_feat", True) else None,
+                     visualizer)

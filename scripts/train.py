@@ -1,0 +1,61 @@
+"""Train (or fine-tune, or resume) a PixArt model from a config.
+
+One process:            python scripts/train.py CONFIG --work-dir DIR
+Several (one machine):  python -m torch.distributed.launch --nproc_per_node=N scripts/train.py CONFIG --work-dir DIR
+                        torchrun --nproc_per_node=N scripts/train.py CONFIG --work-dir DIR
+                        accelerate launch --num_processes N scripts/train.py CONFIG --work-dir DIR   (GPUs)
+Several machines:       torchrun --nnodes=M --node_rank=R --master_addr=HOST --master_port=PORT \\
+                            --nproc_per_node=N scripts/train.py CONFIG --work-dir DIR   (on every machine)
+Without a GPU the processes talk over gloo, so multi-process training also runs on CPUs (launch it with
+torchrun or torch.distributed.launch there: accelerate launch starts one process on a machine without GPUs).
+"""
+import argparse
+import sys
+
+from diffusion.data.errors import DataError
+from diffusion.train.core import TrainingError, TrainOptions, train
+from diffusion.utils.checkpoint import CheckpointError
+from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="training config, e.g. configs/pixart_config/PixArt_toy_shapes.py")
+    parser.add_argument("--work-dir", "--work_dir", dest="work_dir",
+                        help="where checkpoints, logs, TensorBoard events, validation grids and the merged config "
+                             "go (default: the config's work_dir)")
+    parser.add_argument("--resume-from", "--resume_from", dest="resume_from", metavar="CKPT|auto",
+                        help="continue a run exactly (weights, EMA, optimizer, schedule, RNG, data position) from a "
+                             "checkpoint, or 'auto' for the newest complete one in the work dir")
+    parser.add_argument("--load-from", "--load_from", dest="load_from", metavar="CKPT",
+                        help="initialise the weights from a checkpoint (released .pth included); non-strict, "
+                             "with a report of keys that did not match; training state starts fresh")
+    parser.add_argument("--report-to", "--report_to", dest="report_to", default="tensorboard",
+                        help="experiment tracker for accelerate: tensorboard (default), none, or another tracker "
+                             "accelerate supports (wandb, ...)")
+    parser.add_argument("--debug", action="store_true",
+                        help="log every step and load data in the main process (num_workers=0)")
+    parser.add_argument("--local-rank", "--local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by torch.distributed.launch; the env var is used
+    add_cfg_options_argument(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.cfg_options)
+        options = TrainOptions(work_dir=args.work_dir or cfg.work_dir,
+                               resume_from=args.resume_from or cfg.resume_from.get("checkpoint"),
+                               load_from=args.load_from or cfg.load_from, report_to=args.report_to,
+                               debug=args.debug)
+        result = train(cfg, options)
+    except (ConfigError, CheckpointError, DataError, TrainingError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    print(f"training {'stopped' if result.stopped_by_signal else 'finished'} at step {result.global_step}; "
+          f"last checkpoint {result.last_checkpoint}; logs in {result.work_dir}")
+
+
+if __name__ == "__main__":
+    main()
