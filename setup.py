@@ -21,5 +21,6 @@ setup(
     packages=find_packages(include=["diffusion", "diffusion.*"]),
     package_data={"diffusion.data": ["aspect_ratios.json"]},  # the bucket tables (SPEC section 4)
     install_requires=read_requirements(),
-    extras_require={"test": ["pytest>=7.4"]},
+    # playwright drives Debian's /usr/bin/chromium in the demo's browser test (no browser download)
+    extras_require={"test": ["pytest>=7.4", "playwright>=1.40"]},
 )

@@ -62,6 +62,37 @@ def tiny_config(tmp_path, base_config_path):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    """A tiny T5, VAE and PixArt checkpoint plus a config naming them, like the toy model's."""
+    from diffusion.data.toy_encoders import build_toy_t5
+    from diffusion.model.nets import PixArt
+    from diffusion.utils.checkpoint import save_weights
+    from tests.data_fixtures import tiny_vae
+
+    root = tmp_path_factory.mktemp("pipeline")
+    captions = [f"a {size} {colour} circle on a gray background" for size in ("small", "large")
+                for colour in ("red", "blue", "green")]
+    build_toy_t5(captions, root / "t5", width=32, num_layers=1, num_heads=2, vocab_size=64)
+    tiny_vae().save_pretrained(root / "vae")
+    model = randomize(PixArt(input_size=8, hidden_size=96, depth=1, num_heads=4, caption_channels=32,
+                             model_max_length=48), scale=0.02)
+    save_weights(model.state_dict(), root / "model.pth")
+    config = root / "demo_config.py"
+    config.write_text(f"""_base_ = [{str(REPO / 'configs/PixArt_xl2_internal.py')!r}]
+model = 'PixArt'
+model_kwargs = dict(depth=1, hidden_size=96, num_heads=4, patch_size=2)
+image_size = 64
+caption_channels = 32
+model_max_length = 48
+t5_pretrained = {str(root / 't5')!r}
+vae_pretrained = {str(root / 'vae')!r}
+scale_factor = 1.0
+""")
+    return root, config
+
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

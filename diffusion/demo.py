@@ -1,0 +1,115 @@
+"""The Gradio demo: prompt in, images out, with the sampler's progress and clear messages for bad input."""
+import random
+
+import gradio as gr
+import torch
+
+from diffusion.data.aspect_ratios import aspect_ratio_table
+from diffusion.pipeline import DEFAULT_STEPS, PromptError, check_prompt_length
+
+SAMPLER_CHOICES = {"DPM-Solver": "dpm-solver", "SA-Solver": "sa-solver", "IDDPM": "iddpm"}
+STEP_LIMITS = {"dpm-solver": (5, 50), "sa-solver": (10, 50), "iddpm": (10, 250)}
+MAX_IMAGES = 4
+MAX_SEED = 2**31 - 1
+STYLES = {  # (template, negative prompt): "{prompt}" is replaced by the user's prompt
+    "(no style)": ("{prompt}", ""),
+    "Photographic": ("photograph of {prompt}, 35mm, highly detailed, sharp focus", "drawing, painting, blurry"),
+    "Cinematic": ("cinematic still of {prompt}, shallow depth of field, film grain, moody", "cartoon, anime"),
+    "Anime": ("anime artwork of {prompt}, vibrant, studio anime style", "photo, realistic"),
+    "Digital art": ("digital art of {prompt}, concept art, detailed illustration", "photo, blurry"),
+    "Pixel art": ("pixel-art {prompt}, low-res, blocky, 8-bit game", "smooth, photo, realistic"),
+}
+
+
+def size_choices(image_size, multi_scale):
+    """'H x W' labels: the model's buckets (the demo table) for MS models, its one size otherwise."""
+    if not multi_scale:
+        return [f"{image_size} x {image_size}"]
+    table = aspect_ratio_table(f"ASPECT_RATIO_{image_size}_TEST")
+    return [f"{int(h)} x {int(w)}" for h, w in sorted(table.values(), key=lambda hw: hw[0] / hw[1])]
+
+
+def apply_style(style, prompt, negative):
+    template, style_negative = STYLES[style]
+    return template.replace("{prompt}", prompt), ", ".join(p for p in (negative, style_negative) if p)
+
+
+def build_demo(sampler, text_encoder, title="PixArt-α"):
+    """A gr.Blocks app sampling with `sampler` (a diffusion.pipeline.Sampler) and `text_encoder` (T5Embedder)."""
+    sizes = size_choices(sampler.image_size, sampler.multi_scale)
+    default_size = f"{sampler.image_size} x {sampler.image_size}"
+
+    def generate(prompt, negative, style, sampler_label, steps, guidance, seed, randomize, size, count,
+                 progress=gr.Progress()):
+        try:
+            prompt = (prompt or "").strip()
+            if not prompt:
+                raise PromptError("Please enter a prompt.")
+            algo = SAMPLER_CHOICES.get(sampler_label)
+            if algo is None:
+                raise PromptError(f"Unknown sampler {sampler_label!r}.")
+            low, high = STEP_LIMITS[algo]
+            if not low <= int(steps) <= high:
+                raise PromptError(f"Steps must be between {low} and {high} for {sampler_label}.")
+            if not 1.0 <= float(guidance) <= 15.0:
+                raise PromptError("Guidance scale must be between 1 and 15.")
+            if not 1 <= int(count) <= MAX_IMAGES:
+                raise PromptError(f"Number of images must be between 1 and {MAX_IMAGES}.")
+            if size not in sizes:
+                raise PromptError(f"Size {size!r} is not one of this model's sizes.")
+            seed = random.randint(0, MAX_SEED) if randomize else int(seed)
+            if not 0 <= seed <= MAX_SEED:
+                raise PromptError(f"Seed must be between 0 and {MAX_SEED}.")
+            styled, negative = apply_style(style, prompt, (negative or "").strip())
+            check_prompt_length(text_encoder, styled)
+        except PromptError as err:
+            raise gr.Error(str(err)) from None
+        height, width = (int(v) for v in size.split(" x "))
+        features, mask = text_encoder.get_text_embeddings([styled])
+        count = int(count)
+        features = features.to(sampler.device, sampler.dtype).expand(count, -1, -1)
+        mask = mask.to(sampler.device).expand(count, -1)
+        neg = None
+        if negative:
+            neg_features, neg_mask = text_encoder.get_text_embeddings([negative])
+            neg = (neg_features.to(sampler.device, sampler.dtype), neg_mask.to(sampler.device))
+        total = int(steps)
+        progress((0, total), desc="sampling", unit="steps")
+        images = sampler.sample(features, mask, height, width, [seed + i for i in range(count)], algo, total,
+                                float(guidance), negative=neg,
+                                progress=lambda step, n: progress((step, n), desc="sampling", unit="steps"))
+        pictures = [_to_pil(image) for image in images]
+        return pictures, seed, f"Generated {count} image(s) of {height} x {width} with seed {seed}."
+
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"# {title}\nText-to-image with a PixArt diffusion transformer "
+                    f"({type(sampler.model).__name__}, {sampler.image_size} px).")
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+                style = gr.Dropdown(list(STYLES), value="(no style)", label="Style")
+                sampler_label = gr.Radio(list(SAMPLER_CHOICES), value="DPM-Solver", label="Sampler")
+                steps = gr.Slider(5, 250, value=DEFAULT_STEPS["dpm-solver"], step=1, label="Steps")
+                guidance = gr.Slider(1.0, 15.0, value=4.5, step=0.1, label="Guidance scale")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed")
+                    randomize = gr.Checkbox(value=True, label="Randomize seed")
+                size = gr.Dropdown(sizes, value=default_size if default_size in sizes else sizes[0],
+                                   label="Height x width")
+                count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column():
+                gallery = gr.Gallery(label="Images", elem_id="gallery", columns=2)
+                status = gr.Markdown(elem_id="status")
+        sampler_label.change(lambda label: gr.update(value=DEFAULT_STEPS[SAMPLER_CHOICES[label]]),
+                             sampler_label, steps)
+        run.click(generate, [prompt, negative, style, sampler_label, steps, guidance, seed, randomize, size, count],
+                  [gallery, seed, status])
+    return demo
+
+
+def _to_pil(image):
+    from PIL import Image
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)

@@ -1,0 +1,87 @@
+"""The Gradio demo of a PixArt model. Works on the toy model out of the box:
+
+  python scripts/quickstart.py          # trains the toy model once
+  python scripts/interface.py           # then open http://127.0.0.1:7860
+
+  python scripts/interface.py --image_size 1024 --model_path output/pretrained_models/PixArt-XL-2-1024-MS.pth \\
+      --t5_path output/pretrained_models/t5_ckpts --vae_path output/pretrained_models/sd-vae-ft-ema
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from diffusion.model.t5 import DTYPES, T5Embedder
+from diffusion.pipeline import Sampler, load_transformer, load_vae, resolve_t5_dir
+from diffusion.train.state import list_checkpoints
+from diffusion.utils.checkpoint import CheckpointError
+from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
+
+TOY_CONFIG = "configs/pixart_config/PixArt_toy_shapes.py"
+TOY_WORK_DIR = "output/quickstart/train"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help=f"config describing the model, T5 and VAE (default without --image_size: "
+                                         f"{TOY_CONFIG})")
+    add_cfg_options_argument(parser)
+    parser.add_argument("--model_path", help=f"checkpoint or diffusers folder (default with the toy config: the "
+                                             f"newest checkpoint in {TOY_WORK_DIR}/checkpoints)")
+    parser.add_argument("--image_size", type=int, choices=(256, 512, 1024), help="released XL/2 model at this size")
+    parser.add_argument("--t5_path", help="T5 folder (default: the config's t5_pretrained)")
+    parser.add_argument("--vae_path", "--tokenizer_path", dest="vae_path",
+                        help="VAE folder (default: the config's vae_pretrained)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests sampled at the same time (default 1)")
+    parser.add_argument("--max-queue", type=int, default=16, help="requests waiting at most (default 16)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--t5_device", help="device for T5 (default: --device; 'cpu' saves GPU memory)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16" if torch.cuda.is_available() else "fp32",
+                        help="transformer dtype")
+    return parser.parse_args(argv)
+
+
+def newest_checkpoint(work_dir):
+    found = list_checkpoints(work_dir)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {Path(work_dir) / 'checkpoints'}: train the toy model first "
+                                "(python scripts/quickstart.py) or pass --model_path")
+    return found[-1]
+
+
+def build(args):
+    config_path = args.config or (None if args.image_size else TOY_CONFIG)
+    cfg = load_config(config_path, args.cfg_options) if config_path else None
+    model_path = args.model_path or (newest_checkpoint(TOY_WORK_DIR) if config_path == TOY_CONFIG else None)
+    if model_path is None:
+        raise ValueError("give --model_path")
+    model = load_transformer(model_path, config=cfg, image_size=args.image_size)
+    t5_path = resolve_t5_dir(args.t5_path or (cfg.t5_pretrained if cfg else "output/pretrained_models/t5_ckpts"))
+    vae_path = args.vae_path or (cfg.vae_pretrained if cfg else "output/pretrained_models/sd-vae-ft-ema")
+    text_encoder = T5Embedder(t5_path, device=args.t5_device or args.device,
+                              model_max_length=cfg.model_max_length if cfg else 120)
+    sampler = Sampler(model, load_vae(vae_path, args.device), scale_factor=cfg.scale_factor if cfg else 0.18215,
+                      device=args.device, dtype=DTYPES[args.dtype])
+    return sampler, text_encoder, model_path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        sampler, text_encoder, model_path = build(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    from diffusion.demo import build_demo
+    demo = build_demo(sampler, text_encoder, title=f"PixArt-α demo ({Path(model_path).name})")
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
+    print(f"serving {model_path} on http://{args.host}:{args.port}", flush=True)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+
+
+if __name__ == "__main__":
+    main()
