@@ -363,3 +363,17 @@ def test_fp16_training_with_loss_scaling_on_cuda(train_config, tmp_path):
     state = final_state(result)
     assert state["scaler"] is not None and state["scaler"]["scale"] > 0
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+
+
+def test_validation_grids_and_tensorboard_events_are_written(train_config, tmp_path, tiny_pipeline):
+    root, _ = tiny_pipeline
+    overrides = {"max_steps": 2, "eval_interval": 2, "validation_prompts": ["a red circle", "a blue circle"],
+                 "t5_pretrained": str(root / "t5"), "vae_pretrained": str(root / "vae"), "validation_steps": 2}
+    cfg = load_config(train_config, overrides)
+    train(cfg, TrainOptions(work_dir=str(tmp_path / "run"), report_to="tensorboard"))
+    grid = tmp_path / "run" / "vis" / "step_2.png"
+    assert grid.is_file()
+    from PIL import Image
+    assert Image.open(grid).size == (2 * 64 + 3 * 2, 64 + 2 * 2)  # two 64 px images with 2 px padding
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert "validation samples:" in (tmp_path / "run" / "train_log.log").read_text()
