@@ -96,13 +96,14 @@ def test_recipe_end_to_end_at_a_tiny_size(tmp_path):
     assert build_toy_encoders.main(['--data', str(data), '--out', str(encoders), '--config', 'none',
                                     '--t5-width', '32', '--t5-heads', '2', '--t5-layers', '1',
                                     '--vae-steps', '2', '--vae-batch-size', '4', '--vae-channels', '8,8,8,8',
-                                    '--no-progress']) == 0
+                                    '--threads', str(torch.get_num_threads()), '--no-progress']) == 0
     report = json.loads((encoders / 'vae' / 'vae_report.json').read_text())
     assert report['scale_factor'] > 0 and (encoders / 'vae' / 'reconstructions.png').is_file()
     options = {'data_root': str(tmp_path / 'data'), 't5_pretrained': str(encoders / 't5'),
                'vae_pretrained': str(encoders / 'vae'), 'caption_channels': 32,
                'scale_factor': report['scale_factor']}
-    cli_options = ['--cfg-options'] + [f'{k}={v}' for k, v in options.items()]
+    cli_options = ['--cfg-options'] + [f'{k}={v}' for k, v in options.items()] + ['--threads',
+                                                                                 str(torch.get_num_threads())]
     assert extract_features.main([str(TOY_CONFIG), *cli_options, '--no-progress', '--device', 'cpu']) == 0
     cfg = load_config(TOY_CONFIG, options)
     dataset = build_dataset_from_config(cfg)

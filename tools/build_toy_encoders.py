@@ -24,6 +24,7 @@ import torch
 
 from diffusion.data import paths
 from diffusion.data.errors import DataError
+from diffusion.data.extract import idle_cpu_threads
 from diffusion.data.feature_io import atomic_write_text, load_image, save_png
 from diffusion.data.records import load_dataset_records
 from diffusion.data.toy_encoders import (
@@ -65,7 +66,8 @@ def build_parser():
     parser.add_argument('--vae-lr', type=float, default=2e-3, help='VAE peak learning rate (default 2e-3)')
     parser.add_argument('--vae-channels', default='16,16,32,64',
                         help='AutoencoderKL block_out_channels, 4 levels = /8 (default 16,16,32,64)')
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s choice)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch CPU threads (default: the cores the load average leaves idle, at least 1)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the encoders\' weights and training (default 0)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bars')
     return parser
@@ -109,8 +111,7 @@ def check_against_config(args, found):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or idle_cpu_threads())
     dataset, out = Path(args.data), Path(args.out)
     started = time.time()
     found, report = {}, {}
@@ -160,7 +161,7 @@ def main(argv=None):
         return 2
     for note in notes:
         print(f'warning: {note}')
-    print(f'done in {time.time() - started:.1f} s')
+    print(f'done in {time.time() - started:.1f} s ({torch.get_num_threads()} CPU threads)')
     return 0
 
 

@@ -27,7 +27,7 @@ import torch
 from diffusion.data import paths
 from diffusion.data.aspect_ratios import aspect_ratio_table
 from diffusion.data.errors import DataError
-from diffusion.data.extract import FeatureExtractor, shard_indices
+from diffusion.data.extract import FeatureExtractor, idle_cpu_threads, shard_indices
 from diffusion.data.records import load_dataset_records
 from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
 
@@ -48,6 +48,8 @@ def build_parser():
     parser.add_argument('--device', default=None,
                         help='torch device for the encoders (default: cuda:LOCAL_RANK when CUDA is available, '
                              'else cpu)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch CPU threads (default: the cores the load average leaves idle, at least 1)')
     parser.add_argument('--t5-dtype', choices=('fp32', 'fp16', 'bf16'), default=None,
                         help='T5 weight dtype (default: bf16 on CUDA, fp32 on CPU)')
     parser.add_argument('--t5-8bit', action='store_true', help='load T5 in 8 bits (needs bitsandbytes and CUDA)')
@@ -104,6 +106,7 @@ def main(argv=None):
     except (DataError, ValueError) as err:
         raise SystemExit(f'error: {err}')
     device = args.device or default_device()
+    torch.set_num_threads(args.threads or idle_cpu_threads())
     print(f'{dataset}: {len(records)} records, shard {rank}/{world_size} of [{args.start}, {args.end or len(records)}) '
           f'has {len(indices)}; image size {cfg.image_size}{" (multi-scale buckets)" if multi_scale else ""}; '
           f'device {device}', flush=True)
