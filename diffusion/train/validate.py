@@ -43,6 +43,9 @@ def check_training_config(cfg):
              f"False for the single-scale model {cfg.model!r} (multi-scale training needs a PixArtMS model)")
     _require(not cfg.multi_scale or cfg.aspect_ratio_type, "aspect_ratio_type", cfg.aspect_ratio_type,
              "a bucket table such as 'ASPECT_RATIO_512' when multi_scale=True")
+    _require(not cfg.data.get("skip_bad_records", False), "data.skip_bad_records", True,
+             "False for training: the trainer does not yet leave bad records out of a batch (fix or remove them; "
+             "tools/extract_features.py lists failures)")
     resume = cfg.resume_from
     _require(not resume.get("load_ema") and resume.get("resume_optimizer", True) and
              resume.get("resume_lr_scheduler", True), "resume_from", dict(resume),
