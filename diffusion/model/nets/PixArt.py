@@ -1,5 +1,7 @@
 """PixArt: a DiT with cross-attention to T5 caption features and adaLN-single timestep conditioning
 (PixArt-alpha, arXiv 2310.00426). Math, initialisation and state-dict names as SPEC sections 2-3."""
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -27,13 +29,20 @@ class PixArt(nn.Module):
     when `pred_sigma`, else (B, C, H, W). `data_info` is accepted for API compatibility and unused here.
     `force_drop_ids` (B,) replaces the captions where it is 1 by the null caption instead of random caption
     dropout, so a trainer can draw dropout per sample from its own seeded generators.
+
+    Speed options (each leaves the outputs equal up to float rounding; benchmarks in bench/):
+    `trim_captions` drops the caption padding that every sample of the batch has at its end before the
+    caption projection and cross-attention, and the mask itself when nothing is left padded (so SDPA can
+    use its unmasked flash kernels); `fused_modulation` computes modulation and gated residuals as single
+    addcmul kernels (CUDA); `compile` wraps every block in `torch.compile` (CUDA; the state-dict keys are
+    unchanged).
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, pred_sigma=True, drop_path=0.0, window_size=0,
                  window_block_indexes=None, use_rel_pos=False, caption_channels=4096, lewei_scale=1.0,
                  model_max_length=120, learn_sigma=True, grad_checkpointing=False, gc_step=1,
-                 fp32_attention=False):
+                 fp32_attention=False, trim_captions=True, fused_modulation=True, compile=False):
         super().__init__()
         # The configs carry these keys but the reference never applies them; refuse rather than ignore.
         if window_size or window_block_indexes or use_rel_pos:
@@ -63,6 +72,7 @@ class PixArt(nn.Module):
         self.model_max_length = model_max_length
         self.grad_checkpointing = grad_checkpointing
         self.gc_step = gc_step
+        self.trim_captions = trim_captions
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -70,13 +80,19 @@ class PixArt(nn.Module):
         self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, class_dropout_prob, model_max_length)
         rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([
-            PixArtBlock(hidden_size, num_heads, mlp_ratio, drop_path=rates[i], fp32_attention=fp32_attention)
+            PixArtBlock(hidden_size, num_heads, mlp_ratio, drop_path=rates[i], fp32_attention=fp32_attention,
+                        fused_modulation=fused_modulation)
             for i in range(depth)
         ])
-        self.final_layer = T2IFinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = T2IFinalLayer(hidden_size, patch_size, self.out_channels, fused_modulation)
         pos = get_2d_sincos_pos_embed(hidden_size, self.base_size, lewei_scale, self.base_size)
         self.register_buffer("pos_embed", pos.float().unsqueeze(0))
         self.initialize_weights()
+        self.compile_blocks = compile
+        if compile:
+            for block in self.blocks:
+                # In place, so parameter names stay; all blocks share one compiled graph per input shape.
+                block.compile()
 
     # ---------------------------------------------------------------- init
     def initialize_weights(self):
@@ -115,8 +131,11 @@ class PixArt(nn.Module):
         t = self.t_embedder(self._timesteps(timestep, B, x.device))
         t = self.add_micro_conditions(t, data_info, B)
         t0 = self.t_block(t)
-        y = self.y_embedder(y, self.training, force_drop_ids)
-        key_mask = self._caption_mask(mask, B, y.shape[1], y.device)
+        key_mask = self._caption_mask(mask, B, y.shape[-2], y.device)
+        length = None
+        if self.trim_captions and key_mask is not None and not torch.compiler.is_compiling():
+            key_mask, length = trim_caption_padding(key_mask)
+        y = self.y_embedder(y, self.training, force_drop_ids, length)
         x = self._run_blocks(x, y, t0, key_mask)
         x = self.final_layer(x, t)
         return self.unpatchify(x, h, w)
@@ -197,12 +216,15 @@ class PixArt(nn.Module):
 
     def _run_blocks(self, x, y, t0, key_mask):
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        # Compiled blocks run on CUDA only: on the CPU inductor's code rounds differently for different batch
+        # layouts (a sample would depend on its batch-mates), and compiling costs more than it saves there.
+        eager = self.compile_blocks and not x.is_cuda
         for start in range(0, len(self.blocks), self.gc_step):
             segment = self.blocks[start:start + self.gc_step]
             if use_ckpt:
-                x = checkpoint(_run_segment, segment, x, y, t0, key_mask, use_reentrant=False)
+                x = checkpoint(_run_segment, segment, x, y, t0, key_mask, eager, use_reentrant=False)
             else:
-                x = _run_segment(segment, x, y, t0, key_mask)
+                x = _run_segment(segment, x, y, t0, key_mask, eager)
         return x
 
     def unpatchify(self, x, h=None, w=None):
@@ -215,9 +237,21 @@ class PixArt(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
 
-def _run_segment(blocks, x, y, t0, key_mask):
-    for block in blocks:
-        x = block(x, y, t0, key_mask)
+def trim_caption_padding(key_mask):
+    """(key_mask, length): the mask cut after the last token that any sample keeps, and that length; the
+    mask becomes None when no padding is left. Masked keys get exactly zero attention weight, so the cut
+    changes nothing but the work. Costs one host sync (the length decides tensor shapes)."""
+    columns = torch.stack([key_mask.any(dim=0), key_mask.all(dim=0)]).cpu()  # kept by some / by all samples
+    length = int(columns[0].nonzero().max()) + 1
+    key_mask = key_mask[:, :length]
+    return (None if bool(columns[1, :length].all()) else key_mask), length
+
+
+def _run_segment(blocks, x, y, t0, key_mask, force_eager=False):
+    # The stance is set in here so that checkpoint recomputation runs the same (eager or compiled) code.
+    with torch.compiler.set_stance("force_eager") if force_eager else nullcontext():
+        for block in blocks:
+            x = block(x, y, t0, key_mask)
     return x
 
 

@@ -1,0 +1,137 @@
+"""Sampling latency: 20-step DPM-Solver++ with classifier-free guidance (one batch of [uncond; cond]) driving our
+PixArt or diffusers' PixArtTransformer2DModel with the same weights, in one process, timed alternately.
+
+The solver, guidance, null caption (our `y_embedding`, given to both) and inputs are shared: diffusers' model
+is driven through a small adapter with our `forward_with_dpmsolver` signature, so only the transformer
+differs. End to end (T5 encode + sampling + VAE decode) is timed only when --t5 and --vae name local folders;
+this project ships no such weights, so by default the table has the transformer alone. Examples:
+
+    python bench/bench_sample.py --preset cpu                  # mid-size model on the CPU
+    python bench/bench_sample.py --preset xl --size 1024       # the XL/2 1024-MS on a GPU, bf16
+"""
+import torch
+
+from common import (BASELINE_NAME, DTYPES, PRESETS, alternate, build_baseline, build_ours, build_theirs,
+                    caption_batch, common_parser, diffusers_call, environment, fmt, gib, max_rel_error, median,
+                    micro_conditions, paired_ratio, peak_memory, print_table, resident_bytes, resolve, write_json)
+from diffusion import DPMS
+
+CFG_SCALE = 4.5
+PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 4k"
+
+
+def diffusers_adapter(theirs, in_channels, dtype):
+    """diffusers' model with our `forward_with_dpmsolver(x, timestep, y, mask=None, data_info=None)` shape:
+    the eps channels of its output; inputs cast to the model dtype as our model does itself."""
+    def forward(x, timestep, y, mask=None, data_info=None):
+        return diffusers_call(theirs, x.to(dtype), timestep, y.to(dtype), mask, data_info)[:, :in_channels]
+    return forward
+
+
+def sampler(forward, null_caption, data_info, steps):
+    """`sample(z, y, mask)`: the DPM-Solver++ (2nd-order multistep, time-uniform grid) from noise z."""
+    def sample(z, y, mask):
+        solver = DPMS(forward, condition=y, uncondition=null_caption, cfg_scale=CFG_SCALE,
+                      model_kwargs=dict(mask=mask, data_info=data_info))
+        return solver.sample(z, steps=steps, order=2, skip_type="time_uniform", method="multistep", progress=False)
+    return sample
+
+
+def encoders(args):
+    """(encode(texts) -> (y, mask), decode(latents) -> images) from --t5/--vae, or None when not given."""
+    if not (args.t5 and args.vae):
+        return None
+    from diffusers import AutoencoderKL
+
+    from diffusion.model.t5 import T5Embedder
+    t5 = T5Embedder(args.t5, device=args.device, torch_dtype=args.dtype)
+    vae = AutoencoderKL.from_pretrained(args.vae).to(args.device, DTYPES[args.dtype]).eval()
+
+    def decode(latents):
+        with torch.no_grad():
+            return vae.decode((latents / 0.18215).to(vae.dtype)).sample
+    return t5.get_text_embeddings, decode
+
+
+def run(args):
+    batch = args.batch or PRESETS[args.preset]["sample_batch"]
+    dtype = DTYPES[args.dtype]
+    ours = build_ours(args).eval()
+    theirs = build_theirs(ours, args)
+    if theirs is not None:
+        theirs.eval()
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    latent = args.size // 8
+    z = torch.randn(batch, 4, latent, latent, generator=gen, device=args.device)
+    y, mask = caption_batch(batch, args.caption_len, args.device, dtype, gen)
+    mask[:] = mask[0]  # every prompt of the batch as long as --caption-len
+    info = micro_conditions(args, batch)
+    null = ours.y_embedder.y_embedding[None].to(dtype)
+    forwards = {"ours": ours.forward_with_dpmsolver}
+    base = build_baseline(ours, args)
+    if base is not None:
+        forwards[BASELINE_NAME] = base.eval().forward_with_dpmsolver
+    if theirs is not None:
+        forwards["diffusers"] = diffusers_adapter(theirs, ours.in_channels, dtype)
+    samplers = {name: sampler(fn, null, info, args.steps) for name, fn in forwards.items()}
+
+    agreement = None
+    if theirs is not None:
+        agreement = max_rel_error(samplers["ours"](z, y, mask), samplers["diffusers"](z, y, mask))
+        print(f"ours vs diffusers, {args.steps}-step samples: relative error {agreement:.2e}")
+
+    fns = {name: (lambda s=s: s(z, y, mask)) for name, s in samplers.items()}
+    codecs = encoders(args)
+    if codecs is not None:
+        encode, decode = codecs
+        for name, s in samplers.items():
+            fns[f"{name} end to end"] = lambda s=s: decode(s(z, *encode([PROMPT] * batch)))
+    with torch.no_grad():
+        samples = alternate(fns, args.warmup, args.rounds, calls=1, device=args.device)
+        memory = {}
+        models = {"ours": ours, BASELINE_NAME: base, "diffusers": theirs}
+        for name in samplers:
+            others = [m for other, m in models.items() if other != name]
+            memory[name] = peak_memory(fns[name], args.device, resident_bytes(*others))
+
+    results = []
+    for name, secs in samples.items():
+        reference = "diffusers end to end" if name.endswith("end to end") else "diffusers"
+        s = median(secs)
+        results.append(dict(model=name, seconds=s, ms_per_step=1000 * s / args.steps, seconds_per_round=secs,
+                            ratio_vs_diffusers=paired_ratio(samples[reference], secs) if reference in samples else None,
+                            speedup_vs_options_off=(paired_ratio(samples[BASELINE_NAME], secs)
+                                                    if BASELINE_NAME in samples else None),
+                            peak_memory_bytes=memory.get(name)))
+    config = dict(preset=args.preset, size=args.size, batch=batch, cfg_batch=2 * batch, dtype=args.dtype,
+                  steps=args.steps, cfg_scale=CFG_SCALE, compile=args.compile, baseline=args.baseline,
+                  with_baseline=args.with_baseline,
+                  compile_diffusers=args.compile_diffusers, caption_len=args.caption_len,
+                  multi_scale=args.size >= 1024, model_shape=args.shape)
+    payload = dict(bench="sample", config=config, environment=environment(args), agreement_rel_error=agreement,
+                   results=results)
+    title = (f"{args.steps}-step DPM-Solver++ with CFG, {args.preset} preset, {args.size} px, {batch} image(s), "
+             f"{args.dtype}, prompt of {args.caption_len} tokens{', compiled' if args.compile else ''}"
+             f"{', baseline' if args.baseline else ''}")
+    rows = [[r["model"], fmt(r["seconds"]), fmt(r["ms_per_step"]), fmt(r["ratio_vs_diffusers"]),
+             fmt(r["speedup_vs_options_off"]), gib(r["peak_memory_bytes"])] for r in results]
+    print_table(title, ["model", "s / image", "ms / step", "vs diffusers", "vs options off", "peak GiB"], rows)
+    write_json(args.json, payload)
+    return payload
+
+
+def build_parser():
+    p = common_parser(__doc__.split("\n\n")[0])
+    p.set_defaults(rounds=3, warmup=1)
+    p.add_argument("--steps", type=int, default=20, help="solver steps (model calls, each on the CFG batch)")
+    p.add_argument("--t5", help="local T5 folder (t5-v1_1-xxl layout): with --vae, also time end to end")
+    p.add_argument("--vae", help="local diffusers AutoencoderKL folder (sd-vae-ft-ema): with --t5, end to end")
+    return p
+
+
+def main():
+    run(resolve(build_parser().parse_args()))
+
+
+if __name__ == "__main__":
+    main()
