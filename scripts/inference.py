@@ -11,14 +11,12 @@ first and is freed before the transformer is loaded, so the two never need the G
 """
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
+from torchvision.transforms.functional import to_pil_image
 
 from diffusion.data.errors import DataError
 from diffusion.model.t5 import DTYPES, T5Embedder
@@ -35,6 +33,7 @@ from diffusion.pipeline import (
 )
 from diffusion.utils.checkpoint import CheckpointError
 from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
+from diffusion.utils.fileio import save_png
 
 
 def parse_args(argv=None):
@@ -91,13 +90,6 @@ def read_prompts(args):
     return prompts
 
 
-def save_png_atomic(image, path):
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    save_image(image, tmp)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -151,7 +143,7 @@ def run(args):
                 for i, image in zip(members, images):
                     job = jobs[i]
                     path = out_dir / f"{i:04d}_{slug(job.prompt)}_s{job.seed}.png"
-                    save_png_atomic(image.cpu(), path)
+                    save_png(path, to_pil_image(image.cpu()))
                     meta.write(json.dumps({"file": path.name, "prompt": job.prompt, "seed": job.seed,
                                            "sampler": args.sampling_algo, "steps": steps, "cfg_scale": args.cfg_scale,
                                            "height": job.height, "width": job.width,

@@ -47,6 +47,7 @@ def run_tool(*args):
 def main(argv=None):
     args = parse_args(argv)
     from diffusion.utils.config import load_config
+    from diffusion.utils.fileio import atomic_write_text
     out = REPO / args.out
     cfg = load_config(REPO / CONFIG, {"max_steps": args.steps, "eval_interval": 0})
     timings = {}
@@ -79,7 +80,7 @@ def main(argv=None):
     timings["sample_s"] = time.perf_counter() - start
     metrics["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     metrics["total_s"] = round(sum(timings.values()), 1)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
 
     print(f"\nwrote {out / 'samples.png'} and {out / 'metrics.json'} in {metrics['total_s']:.0f} s")
     for split in ("val", "unseen"):
@@ -132,6 +133,8 @@ def write_labelled_grid(images, prompts, path, scale=3):
     import textwrap
 
     from PIL import Image, ImageDraw
+
+    from diffusion.utils.fileio import save_png
     cell = next(iter(images.values()))[0].width * scale
     columns = max(len(v) for v in images.values())
     label_h = 56
@@ -145,10 +148,7 @@ def write_labelled_grid(images, prompts, path, scale=3):
             grid.paste(image.resize((cell, cell), Image.NEAREST), (left, top + 16))
             draw.multiline_text((left, top + 20 + cell), "\n".join(textwrap.wrap(text, width=cell // 6)[:4]),
                                 fill="black", spacing=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    grid.save(tmp)
-    tmp.replace(path)
+    save_png(path, grid)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """Checkpoint files: released layout, our own layout, safetensors; every corruption gives a named error."""
 import os
-import pickle
 
 import pytest
 import torch
@@ -179,8 +178,7 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
     atomic_save({"step": 1}, path)
 
     def failing_save(obj, f, *args, **kwargs):
-        with open(f, "wb") as handle:
-            handle.write(b"partial")
+        f.write(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", failing_save)

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,8 +286,8 @@ real_save, calls = torch.save, [0]
 def slow_save(obj, f, *args, **kwargs):
     calls[0] += 1
     if calls[0] >= 2:  # the second checkpoint write stops half way and hangs
-        with open(f, "wb") as handle:
-            handle.write(b"partial checkpoint")
+        f.write(b"partial checkpoint")
+        f.flush()
         time.sleep(600)
     return real_save(obj, f, *args, **kwargs)
 torch.save = slow_save

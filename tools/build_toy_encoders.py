@@ -25,7 +25,8 @@ import torch
 from diffusion.data import paths
 from diffusion.data.errors import DataError
 from diffusion.data.extract import idle_cpu_threads
-from diffusion.data.feature_io import atomic_write_text, load_image, save_png
+from diffusion.data.feature_io import load_image
+from diffusion.utils.fileio import atomic_write_text, save_png
 from diffusion.data.records import load_dataset_records
 from diffusion.data.toy_encoders import (
     build_toy_t5,

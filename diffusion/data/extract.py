@@ -21,8 +21,8 @@ from tqdm import tqdm
 from diffusion.data import paths
 from diffusion.data.aspect_ratios import closest_bucket
 from diffusion.data.errors import DataError, DataFileError
+from diffusion.utils.fileio import atomic_write_text
 from diffusion.data.feature_io import (
-    atomic_write_text,
     load_caption_feature,
     load_image,
     load_vae_feature,

@@ -3,9 +3,6 @@
 Writers are atomic (temp file in the same folder, then rename), so a file under its final name is complete;
 the extractor's resume relies on that. Readers raise `DataFileError` naming the file and the problem.
 """
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,28 +10,9 @@ from PIL import Image
 
 from diffusion.data.errors import DataFileError
 
+from diffusion.utils.fileio import atomic_write
+
 CAPTION_KEYS = ('caption_feature', 'attention_mask')
-
-
-def atomic_write(path, write):
-    """Call `write(binary_file)` on a temp file beside `path`, then rename it to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path, text):
-    return atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 
 # ---------------------------------------------------------------- images
@@ -61,10 +39,6 @@ def read_image_size(path):
     except (OSError, SyntaxError, ValueError) as err:
         raise DataFileError(path, f'corrupt or unreadable image ({type(err).__name__}: {err})') from err
     return height, width
-
-
-def save_png(path, image):
-    return atomic_write(path, lambda f: image.save(f, format='PNG'))
 
 
 # ---------------------------------------------------------------- T5 features

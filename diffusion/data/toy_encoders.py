@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusion.data.feature_io import atomic_write, atomic_write_text
+from diffusion.utils.fileio import atomic_write, atomic_write_text
 from diffusion.model.builder import VAE_DOWNSAMPLE
 
 # T5 convention: pad 0, eos 1, unk 2; no bos

@@ -281,7 +281,7 @@ def write_toy_dataset(out_dir, num_train=4000, num_val=200, num_unseen=200, imag
     from tqdm import tqdm
 
     from diffusion.data import paths
-    from diffusion.data.feature_io import atomic_write_text, save_png
+    from diffusion.utils.fileio import atomic_write_text, save_png
 
     out_dir = Path(out_dir)
     if image_size % 8 or image_size < 32:

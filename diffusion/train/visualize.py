@@ -1,12 +1,10 @@
 """Validation grids during training: the config's `validation_prompts` sampled with the EMA weights."""
-import os
-import tempfile
-from pathlib import Path
-
 import torch
-from torchvision.utils import make_grid, save_image
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
 
 from diffusion.pipeline import Sampler
+from diffusion.utils.fileio import save_png
 
 
 class ValidationSampler:
@@ -31,10 +29,4 @@ class ValidationSampler:
         images = sampler.sample(self.features, self.mask, size, size, seeds, "dpm-solver",
                                 self.cfg.validation_steps, self.cfg.cfg_scale)
         grid = make_grid(images.cpu(), nrow=min(len(self.prompts), 4), padding=2)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-        os.close(fd)
-        save_image(grid, tmp)
-        os.replace(tmp, path)
-        return path
+        return save_png(path, to_pil_image(grid))

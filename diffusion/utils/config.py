@@ -9,11 +9,12 @@ import ast
 import copy
 import difflib
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from mmengine.config import Config
+
+from diffusion.utils.fileio import atomic_write_text
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / 'configs' / 'PixArt_xl2_internal.py'
 # Bookkeeping keys mmengine may leave inside dicts; they are not config fields.
@@ -260,18 +261,7 @@ class FrozenConfig(FrozenDict):
 
     def dump(self, path):
         """Write the merged config as a loadable python config file, atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-        try:
-            with os.fdopen(fd, 'w', encoding='utf-8') as f:
-                f.write(self.pretty_text)
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a dumped config is meant to be shared
-            os.replace(tmp, path)  # readers never see a half-written file
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write_text(path, self.pretty_text)
 
     def with_overrides(self, overrides):
         """A new validated config with dotted `overrides` applied; this one is left unchanged."""
