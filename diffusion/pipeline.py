@@ -18,7 +18,7 @@ from diffusion.data.aspect_ratios import aspect_ratio_table, closest_bucket
 from diffusion.lcm_scheduler import LCMScheduler
 from diffusion.model.builder import VAE_DOWNSAMPLE, build_model, build_model_from_config
 from diffusion.model.nets import PixArtMS
-from diffusion.utils.checkpoint import CheckpointError, load_state_dict_into, read_checkpoint, read_state_dict
+from diffusion.utils.checkpoint import CheckpointError, load_state_dict_into, read_checkpoint, state_dict_of
 
 SAMPLERS = ("dpm-solver", "sa-solver", "iddpm", "lcm")
 DEFAULT_STEPS = {"dpm-solver": 20, "sa-solver": 25, "iddpm": 100, "lcm": 4}
@@ -99,8 +99,8 @@ def load_transformer(model_path, config=None, image_size=None, use_ema=True):
                                 lewei_scale=RELEASED_LEWEI_SCALE[image_size])
         else:
             raise ValueError("give a config or an image size to describe the model of a checkpoint file")
-        has_ema = path.suffix != ".safetensors" and "state_dict_ema" in read_checkpoint(path)
-        state_dict = read_state_dict(path, use_ema=use_ema and has_ema)
+        checkpoint = read_checkpoint(path)  # read once: released XL files are 2.4 GB
+        state_dict = state_dict_of(checkpoint, path, use_ema=use_ema and "state_dict_ema" in checkpoint)
     load_state_dict_into(model, state_dict, source=str(path))
     return model.eval().requires_grad_(False)
 

@@ -92,9 +92,9 @@ def main(argv=None):
 
 def train_toy(cfg, work_dir):
     from diffusion.train.core import TrainOptions, train
-    from diffusion.train.state import list_checkpoints
+    from diffusion.train.state import checkpoint_step, list_checkpoints
     done = list_checkpoints(REPO / work_dir)
-    if done and int(done[-1].stem.rsplit("_", 1)[1]) >= cfg.max_steps:
+    if done and checkpoint_step(done[-1]) >= cfg.max_steps:
         print(f"found {done[-1]}")
         return {"checkpoint": done[-1], "losses": []}
     options = TrainOptions(work_dir=str(REPO / work_dir), resume_from="auto", report_to="tensorboard")

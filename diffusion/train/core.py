@@ -241,7 +241,7 @@ def train(cfg, options, flavour=None):
                 elif epoch_done and cfg.save_model_epochs and (epoch + 1) % cfg.save_model_epochs == 0:
                     save(f"every {cfg.save_model_epochs} epochs")
                 if _stop_requested(accelerator, stop):
-                    if result.last_checkpoint is None or _step_of(result.last_checkpoint) != global_step:
+                    if result.last_checkpoint is None or ckpt.checkpoint_step(result.last_checkpoint) != global_step:
                         save("stop requested by signal")
                     result.stopped_by_signal = True
                     break
@@ -249,7 +249,7 @@ def train(cfg, options, flavour=None):
                 break
 
     if not result.stopped_by_signal and (result.last_checkpoint is None or
-                                         _step_of(result.last_checkpoint) != global_step):
+                                         ckpt.checkpoint_step(result.last_checkpoint) != global_step):
         save("end of training")
     progress.close()
     if options.report_to != "none":
@@ -297,10 +297,6 @@ def _stop_requested(accelerator, stop):
     """All ranks stop together if any rank got a signal."""
     flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
     return accelerator.reduce(flag, reduction="sum").item() > 0
-
-
-def _step_of(path):
-    return int(Path(path).stem.rsplit("_", 1)[1])
 
 
 def _save(accelerator, model, ema, optimizer, lr_scheduler, flavour, cfg, work_dir, epoch, global_step,

@@ -23,6 +23,14 @@ def checkpoint_path(work_dir, epoch, step):
     return Path(work_dir) / CHECKPOINT_DIR / f"epoch_{epoch}_step_{step}.pth"
 
 
+def checkpoint_step(path):
+    """The global step in a checkpoint's file name (`epoch_E_step_S.pth` -> S)."""
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named like a training checkpoint (epoch_E_step_S.pth)")
+    return int(match.group(2))
+
+
 def list_checkpoints(work_dir):
     """Complete checkpoints of a run, oldest first (by step, then epoch)."""
     folder = Path(work_dir) / CHECKPOINT_DIR

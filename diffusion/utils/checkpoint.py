@@ -80,9 +80,13 @@ def read_checkpoint(path):
 
 
 def read_state_dict(path, use_ema=False):
-    """The model tensors of a checkpoint: `state_dict` (or `state_dict_ema` with `use_ema`) of a released or
-    own checkpoint, or the file itself when it is a flat state dict / safetensors file."""
-    obj = read_checkpoint(path)
+    """The model tensors of a checkpoint file (see `state_dict_of`)."""
+    return state_dict_of(read_checkpoint(path), path, use_ema)
+
+
+def state_dict_of(obj, path, use_ema=False):
+    """The model tensors of a read checkpoint `obj` (from `path`): `state_dict` (or `state_dict_ema` with
+    `use_ema`) of a released or own checkpoint, or `obj` itself when it is a flat state dict / safetensors file."""
     key = "state_dict_ema" if use_ema else "state_dict"
     if key in obj:
         state_dict = obj[key]

@@ -215,14 +215,14 @@ def find_transformer_folder(path):
 
 def read_null_caption(path):
     """The null caption from NULL_CAPTION_FILE, or any checkpoint holding `y_embedder.y_embedding`."""
-    from diffusion.utils.checkpoint import read_checkpoint, read_state_dict
+    from diffusion.utils.checkpoint import read_checkpoint, state_dict_of
     path = Path(path)
     if path.is_dir():
         path = path / NULL_CAPTION_FILE
     obj = read_checkpoint(path)
     if "y_embedding" in obj and isinstance(obj["y_embedding"], torch.Tensor):
         return obj["y_embedding"]
-    state_dict = read_state_dict(path)
+    state_dict = state_dict_of(obj, path)
     if NULL_CAPTION_KEY not in state_dict:
         raise CheckpointError(f"{path} holds no null caption ('y_embedding' or '{NULL_CAPTION_KEY}')")
     return state_dict[NULL_CAPTION_KEY]
