@@ -154,7 +154,9 @@ class Sampler:
         else:
             uncond = self.model.y_embedder.y_embedding[None].expand(B, -1, -1).to(self.dtype)
             uncond_mask = mask
-        model_kwargs = dict(data_info=data_info, mask=torch.cat([uncond_mask.to(self.device), mask]))
+        # guided solvers run one [uncond; cond] batch; at scale 1 they run the prompts alone, with their masks
+        guided_mask = torch.cat([uncond_mask.to(self.device), mask]) if cfg_scale != 1.0 else mask
+        model_kwargs = dict(data_info=data_info, mask=guided_mask)
         callback = _StepCounter(progress, steps)
         if sampler == "dpm-solver":
             solver = DPMS(callback.wrap(self.model.forward_with_dpmsolver), features, uncond, cfg_scale, model_kwargs)

@@ -27,15 +27,30 @@ def test_images_get_sanitised_unique_names_and_metadata(tiny_pipeline, tmp_path)
     assert Image.open(tmp_path / files[0]).size == (64, 64)
 
 
+def test_a_second_run_into_the_same_folder_keeps_the_first_runs_images(tiny_pipeline, tmp_path):
+    run(tiny_pipeline, tmp_path, "--prompt", "a small red circle on a gray background", "--seed", "3")
+    first = (tmp_path / "0000_a-small-red-circle-on-a-gray-background_s3.png").read_bytes()
+    run(tiny_pipeline, tmp_path, "--prompt", "a small red circle on a gray background", "--seed", "3",
+        "--cfg_scale", "1.5")
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["0000_a-small-red-circle-on-a-gray-background_s3.png",
+                                                              "0001_a-small-red-circle-on-a-gray-background_s3.png"]
+    assert (tmp_path / "0000_a-small-red-circle-on-a-gray-background_s3.png").read_bytes() == first
+    lines = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert [(m["file"][:4], m["cfg_scale"]) for m in lines] == [("0000", 4.5), ("0001", 1.5)]
+
+
 @pytest.mark.parametrize("algo", ["dpm-solver", "sa-solver", "iddpm"])
 def test_an_image_does_not_depend_on_the_batch_size(tiny_pipeline, tmp_path, algo):
-    prompts = ["a large blue circle on a gray background", "a small green circle on a gray background"]
-    args = ["--prompt", prompts[0], "--prompt", prompts[1], "--sampling_algo", algo]
+    prompts = ["a large blue circle on a gray background", "a small green circle on a gray background",
+               "a small red square at the top, on a black background"]
+    args = [a for prompt in prompts for a in ("--prompt", prompt)] + ["--sampling_algo", algo]
     run(tiny_pipeline, tmp_path / "bs1", *args, "--bs", "1")
-    run(tiny_pipeline, tmp_path / "bs2", *args, "--bs", "2")
-    for name in (p.name for p in (tmp_path / "bs1").glob("*.png")):
+    run(tiny_pipeline, tmp_path / "bs3", *args, "--bs", "3")
+    names = sorted(p.name for p in (tmp_path / "bs1").glob("*.png"))
+    assert len(names) == 3 and names == sorted(p.name for p in (tmp_path / "bs3").glob("*.png"))
+    for name in names:
         a = np.asarray(Image.open(tmp_path / "bs1" / name), dtype=np.float32)
-        b = np.asarray(Image.open(tmp_path / "bs2" / name), dtype=np.float32)
+        b = np.asarray(Image.open(tmp_path / "bs3" / name), dtype=np.float32)
         assert np.abs(a - b).max() <= 1, name  # equal up to one 8-bit level of float rounding
 
 
@@ -56,3 +71,26 @@ def test_size_flags_of_the_papers_demo():
         parse_prompt("a cat --hw 500:700", 1024, True)
     with pytest.raises(PromptError, match="empty"):
         parse_prompt("   --ar 1:1", 1024, True)
+
+
+@pytest.mark.parametrize("algo", ["dpm-solver", "sa-solver", "iddpm"])
+def test_guidance_scale_one_samples_the_prompts_alone(tiny_pipeline, algo):
+    """At cfg 1 the unconditional branch drops out: the result equals sampling with a different null caption."""
+    import torch
+
+    from diffusion.model.t5 import T5Embedder
+    from diffusion.pipeline import Sampler, load_transformer, load_vae
+    from diffusion.utils.config import load_config
+
+    root, config = tiny_pipeline
+    cfg = load_config(config)
+    features, mask = T5Embedder(root / "t5", model_max_length=48).get_text_embeddings(
+        ["a small red circle on a gray background", "a large blue circle on a gray background"])
+    sampler = Sampler(load_transformer(root / "model.pth", config=cfg), load_vae(root / "vae"), scale_factor=1.0)
+    plain = sampler.sample(features, mask, 64, 64, [1, 2], algo, 3, cfg_scale=1.0)
+    other_null = sampler.sample(features, mask, 64, 64, [1, 2], algo, 3, cfg_scale=1.0,
+                                negative=(torch.randn(1, *features.shape[1:]), mask[:1]))
+    assert plain.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(plain, other_null, rtol=0, atol=1e-5)
+    guided = sampler.sample(features, mask, 64, 64, [1, 2], algo, 3, cfg_scale=3.0)
+    assert (guided - plain).abs().max() > 1e-6  # the random tiny model reads captions only weakly
