@@ -10,7 +10,6 @@ written where `diffusion.data.paths` says the datasets read them.
 - A record that fails (corrupt image, missing caption, ...) is reported, not fatal: the summary lists it.
 """
 import json
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,13 +31,6 @@ from diffusion.data.feature_io import (
 from diffusion.data.latents import posterior_feature
 from diffusion.data.transforms import get_transform
 from diffusion.model.builder import VAE_DOWNSAMPLE
-
-
-def idle_cpu_threads():
-    """CPU threads worth using now: the cores the 1-minute load average leaves idle, at least 1. On a shared
-    machine torch's default (every core) makes its threads wait on each other: 5x slower, measured."""
-    cores = os.cpu_count() or 1
-    return max(1, min(cores, round(cores - os.getloadavg()[0])))
 
 
 def target_size(height, width, image_size, bucket_table=None):

@@ -1,0 +1,40 @@
+"""How many CPU threads to give torch on a machine other processes may share."""
+import os
+import time
+
+PROC_STAT = '/proc/stat'
+
+
+def _cpu_times():
+    """(busy, total) jiffies summed over all cores, from /proc/stat; None where it does not exist."""
+    try:
+        with open(PROC_STAT) as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def busy_cores(interval=0.25):
+    """Cores other work keeps busy, measured over the next `interval` seconds (Linux /proc/stat), or the
+    1-minute load average where /proc/stat is missing."""
+    before = _cpu_times()
+    if before is None:
+        return os.getloadavg()[0]
+    time.sleep(interval)
+    after = _cpu_times()
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return (os.cpu_count() or 1) * busy / total if total > 0 else 0.0
+
+
+def idle_cpu_threads(interval=0.25):
+    """CPU threads worth using now: OMP_NUM_THREADS if set, else the cores that other work leaves idle (at
+    least 1). On a shared machine torch's default (every core) makes its threads wait on each other: 5x slower,
+    measured on 2 cores. Measured now, not from the load average: a process that just ended (the previous
+    stage of a pipeline) still weighs on the load average for a minute."""
+    if os.environ.get('OMP_NUM_THREADS', '').isdigit() and int(os.environ['OMP_NUM_THREADS']) > 0:
+        return int(os.environ['OMP_NUM_THREADS'])
+    cores = os.cpu_count() or 1
+    return max(1, min(cores, round(cores - busy_cores(interval))))
