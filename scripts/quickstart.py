@@ -8,16 +8,20 @@ training image has), and writes output/quickstart/samples.png (a labelled grid) 
 (alignment accuracies measured by reading the shapes back out of the images). Re-running reuses every finished
 stage (training resumes from its newest checkpoint).
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `diffusion`, installed or not
+
 import argparse
 import json
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/pixart_config/PixArt_toy_shapes.py"
 OUT = Path("output/quickstart")
+SEED_STRIDE = 1000  # sampling seeds: validation prompts 0, 1, ...; unseen prompts 1000, 1001, ...
 
 
 def parse_args(argv=None):
@@ -84,9 +88,11 @@ def main(argv=None):
 
     print(f"\nwrote {out / 'samples.png'} and {out / 'metrics.json'} in {metrics['total_s']:.0f} s")
     for split in ("val", "unseen"):
-        scores = metrics["alignment"][split]
-        print(f"  {split:6s} prompts: colour {scores['colour']:.2f}, shape {scores['kind']:.2f}, "
-              f"position {scores['position']:.2f}, background {scores['background']:.2f}")
+        for subset, label in (("all_shapes", f"{split} prompts"), ("held_out_pairs", "  their held-out pairs")):
+            scores = metrics["alignment"][split][subset]
+            if scores is not None:
+                print(f"  {label:22s} colour {scores['colour']:.2f}, shape {scores['kind']:.2f}, "
+                      f"position {scores['position']:.2f}, size {scores['size']:.2f}, all {scores['all']:.2f}")
     print("open the demo on this model:  python scripts/interface.py   (then http://127.0.0.1:7860)")
 
 
@@ -103,7 +109,7 @@ def train_toy(cfg, work_dir):
 
 
 def sample_and_score(cfg, trained, dataset, out, args):
-    from diffusion.data.toy_shapes import alignment_scores, parse_caption
+    from diffusion.data.toy_shapes import MANIFEST, alignment_report, parse_caption
     from diffusion.model.t5 import T5Embedder
     from diffusion.pipeline import Sampler, load_transformer, load_vae
     from torchvision.transforms.functional import to_pil_image
@@ -114,13 +120,15 @@ def sample_and_score(cfg, trained, dataset, out, args):
     model = load_transformer(trained["checkpoint"], config=cfg)
     t5 = T5Embedder(REPO / cfg.t5_pretrained, model_max_length=cfg.model_max_length)
     sampler = Sampler(model, load_vae(REPO / cfg.vae_pretrained), scale_factor=cfg.scale_factor)
+    held_out = json.loads((dataset / MANIFEST).read_text())["held_out_pairs"]
     images, scores = {}, {}
-    for split, texts in prompts.items():
+    for row, (split, texts) in enumerate(prompts.items()):
         features, mask = t5.get_text_embeddings(texts)
-        batch = sampler.sample(features, mask, cfg.image_size, cfg.image_size, list(range(len(texts))),
+        seeds = [SEED_STRIDE * row + i for i in range(len(texts))]  # every image of the grid has its own noise
+        batch = sampler.sample(features, mask, cfg.image_size, cfg.image_size, seeds,
                                "dpm-solver", args.sample_steps, args.cfg_scale)
         images[split] = [to_pil_image(image) for image in batch]
-        scores[split] = alignment_scores(images[split], [parse_caption(t) for t in texts])
+        scores[split] = alignment_report(images[split], [parse_caption(t) for t in texts], held_out)
     write_labelled_grid(images, prompts, out / "samples.png")
     losses = trained["losses"]
     return {"checkpoint": str(trained["checkpoint"]), "train_steps": cfg.max_steps,

@@ -102,7 +102,7 @@ def test_features_can_be_stored_in_float16(tmp_path, vae):
         assert npz['caption_feature'].dtype == np.float16 and npz['attention_mask'].dtype == np.int64
 
 
-@pytest.mark.parametrize('tool', ['extract_features', 'make_toy_dataset', 'build_toy_encoders'])
+@pytest.mark.parametrize('tool', ['extract_features', 'make_toy_dataset', 'build_toy_encoders', 'eval_toy_alignment'])
 def test_every_flag_is_documented_in_help(tool, capsys):
     import importlib
     module = importlib.import_module(f'tools.{tool}')

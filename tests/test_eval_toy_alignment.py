@@ -1,0 +1,66 @@
+"""tools/eval_toy_alignment.py: scoring generated toy images against their prompts, and its input errors."""
+import json
+
+import pytest
+
+from diffusion.data.toy_shapes import Scene, Shape, caption, render_scene, write_toy_dataset
+from tools import eval_toy_alignment as tool
+
+
+def write_generated(folder, scenes_and_prompts):
+    """A folder like scripts/inference.py writes: images rendered from `scene`, listed with `prompt`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / 'metadata.jsonl', 'w') as meta:
+        for i, (scene, prompt) in enumerate(scenes_and_prompts):
+            name = f'{i:04d}_x_s{i}.png'
+            render_scene(scene, 64).save(folder / name)
+            meta.write(json.dumps({'file': name, 'prompt': prompt, 'seed': i}) + '\n')
+
+
+def test_scores_count_each_attribute_of_each_described_shape(tmp_path, capsys):
+    right = Scene('gray', (Shape('red', 'circle', 'large', 'left'), Shape('blue', 'square', 'small', 'top right')))
+    wrong_colour = Scene('white', (Shape('green', 'triangle', 'large', 'bottom'),))
+    asked_colour = Scene('white', (Shape('yellow', 'triangle', 'large', 'bottom'),))
+    wrong_place = Scene('black', (Shape('purple', 'circle', 'small', 'center'),))
+    asked_place = Scene('black', (Shape('purple', 'circle', 'small', 'top'),))
+    write_generated(tmp_path / 'gen', [(right, caption(right)), (wrong_colour, caption(asked_colour)),
+                                       (wrong_place, caption(asked_place))])
+    tool.main([str(tmp_path / 'gen'), '--json', str(tmp_path / 'report.json')])
+    report = json.loads((tmp_path / 'report.json').read_text())
+    scores = report['all_shapes']
+    # 4 described shapes: 3 in place (the moved one has no blob in its cell), 2 of them the right colour
+    assert scores['position'] == pytest.approx(3 / 4) and scores['colour'] == pytest.approx(2 / 4)
+    assert scores['kind'] == pytest.approx(3 / 4) and scores['all'] == pytest.approx(2 / 4)
+    assert scores['background'] == 1 and scores['count'] == 1
+    assert report['held_out_pairs'] is None and report['num_images'] == 3
+    assert report['images'][1]['read'] == caption(wrong_colour)
+    table = capsys.readouterr().out
+    assert '3 images' in table and 'colour' in table and '0.50' in table
+
+
+def test_a_dataset_split_scores_its_own_images_and_the_held_out_pairs(tmp_path, capsys):
+    write_toy_dataset(tmp_path / 'toy', num_train=2, num_val=2, num_unseen=12, progress=False)
+    tool.main(['--data', str(tmp_path / 'toy'), '--split', 'unseen', '--json', str(tmp_path / 'r.json')])
+    report = json.loads((tmp_path / 'r.json').read_text())
+    assert report['num_images'] == 12
+    assert report['all_shapes']['all'] >= 0.9 and report['held_out_pairs']['all'] >= 0.9
+    assert 'held-out pairs' in capsys.readouterr().out
+
+
+def test_bad_inputs_name_the_file_and_line(tmp_path):
+    with pytest.raises(SystemExit, match='metadata.jsonl not found'):
+        tool.main([str(tmp_path)])
+    scene = Scene('gray', (Shape('red', 'circle', 'large', 'left'),))
+    write_generated(tmp_path / 'gen', [(scene, caption(scene)), (scene, 'a photo of a cat')])
+    with pytest.raises(SystemExit, match=r'metadata.jsonl line 2: not a toy-shapes caption'):
+        tool.main([str(tmp_path / 'gen')])
+    write_generated(tmp_path / 'gone', [(scene, caption(scene))])
+    (tmp_path / 'gone' / '0000_x_s0.png').unlink()
+    with pytest.raises(SystemExit, match=r'line 1: cannot read image .*0000_x_s0.png'):
+        tool.main([str(tmp_path / 'gone')])
+    (tmp_path / 'broken').mkdir()
+    (tmp_path / 'broken' / 'metadata.jsonl').write_text('{"file": "a.png"}\n')
+    with pytest.raises(SystemExit, match=r'line 1: expected a JSON object with "file" and "prompt"'):
+        tool.main([str(tmp_path / 'broken')])
+    with pytest.raises(SystemExit):
+        tool.main([])  # neither a folder nor --split
