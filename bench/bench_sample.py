@@ -9,6 +9,11 @@ this project ships no such weights, so by default the table has the transformer 
     python bench/bench_sample.py --preset cpu                  # mid-size model on the CPU
     python bench/bench_sample.py --preset xl --size 1024       # the XL/2 1024-MS on a GPU, bf16
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `diffusion`, installed or not
+
 import torch
 
 from common import (BASELINE_NAME, DTYPES, PRESETS, alternate, build_baseline, build_ours, build_theirs,

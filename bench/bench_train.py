@@ -8,6 +8,11 @@ AdamW step and zero_grad. Examples (bench/README.md has more):
     python bench/bench_train.py --preset cpu                       # mid-size model on the CPU, a few minutes
     python bench/bench_train.py --preset xl --size 512 --batch 32  # the XL/2 on a GPU, bf16
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `diffusion`, installed or not
+
 import torch
 
 from common import (BASELINE_NAME, DTYPES, PRESETS, alternate, build_baseline, build_ours, build_theirs,

@@ -6,12 +6,16 @@ time limit still leaves everything finished so far. Runs that would start after 
     python bench/run_suite.py --plan gpu --out $OUT --budget-s 240        # the GPU plan (bench/gpu_run.sh)
     python bench/run_suite.py --plan smoke --out /tmp/smoke               # tiny sizes: checks the GPU plan's code
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `diffusion`, installed or not
+
 import argparse
 import gc
 import json
 import os
 import platform
-import sys
 import time
 import traceback
 

@@ -9,11 +9,14 @@ A prompt may end in `--ar h:w` / `--aspect_ratio h:w` (nearest bucket of a multi
 Prompt i is sampled from seed + i, so an image does not depend on the batch size. T5 encodes every prompt
 first and is freed before the transformer is loaded, so the two never need the GPU together.
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `diffusion`, installed or not
+
 import argparse
 import json
 import re
-import sys
-from pathlib import Path
 
 import torch
 from torchvision.transforms.functional import to_pil_image
@@ -78,6 +81,12 @@ def slug(text, limit=48):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "prompt"
 
 
+def next_free_number(out_dir):
+    """1 + the highest NNNN_ number of the images already in out_dir (0 for a new folder)."""
+    numbers = [int(m[1]) for p in out_dir.glob("*.png") if (m := re.match(r"(\d+)_", p.name))]
+    return max(numbers, default=-1) + 1
+
+
 def read_prompts(args):
     prompts = list(args.prompt)
     if args.txt_file:
@@ -128,6 +137,7 @@ def run(args):
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = args.step or DEFAULT_STEPS[args.sampling_algo]
+    first = next_free_number(out_dir)  # an earlier run's images in this folder are kept, never overwritten
     with open(out_dir / "metadata.jsonl", "a", encoding="utf-8") as meta:
         for start in range(0, len(jobs), args.bs):
             group = list(range(start, min(start + args.bs, len(jobs))))
@@ -142,7 +152,7 @@ def run(args):
                                         cfg_compat=args.cfg_compat)
                 for i, image in zip(members, images):
                     job = jobs[i]
-                    path = out_dir / f"{i:04d}_{slug(job.prompt)}_s{job.seed}.png"
+                    path = out_dir / f"{first + i:04d}_{slug(job.prompt)}_s{job.seed}.png"
                     save_png(path, to_pil_image(image.cpu()))
                     meta.write(json.dumps({"file": path.name, "prompt": job.prompt, "seed": job.seed,
                                            "sampler": args.sampling_algo, "steps": steps, "cfg_scale": args.cfg_scale,

@@ -9,8 +9,12 @@ Several machines:       torchrun --nnodes=M --node_rank=R --master_addr=HOST --m
 Without a GPU the processes talk over gloo, so multi-process training also runs on CPUs (launch it with
 torchrun or torch.distributed.launch there: accelerate launch starts one process on a machine without GPUs).
 """
-import argparse
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `diffusion`, installed or not
+
+import argparse
 
 from diffusion.data.errors import DataError
 from diffusion.train.core import TrainingError, TrainOptions, train

@@ -13,19 +13,22 @@ The scale factor and caption width/length are compared with --config; a mismatch
 Example (the toy recipe, see README):
   python tools/build_toy_encoders.py --data data/toy_shapes --out output/pretrained_models/toy
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `diffusion`, installed or not
+
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from diffusion.data import paths
 from diffusion.data.errors import DataError
-from diffusion.data.extract import idle_cpu_threads
 from diffusion.data.feature_io import load_image
+from diffusion.utils.cpu import idle_cpu_threads
 from diffusion.utils.fileio import atomic_write_text, save_png
 from diffusion.data.records import load_dataset_records
 from diffusion.data.toy_encoders import (
@@ -68,7 +71,7 @@ def build_parser():
     parser.add_argument('--vae-channels', default='16,16,32,64',
                         help='AutoencoderKL block_out_channels, 4 levels = /8 (default 16,16,32,64)')
     parser.add_argument('--threads', type=int, default=None,
-                        help='torch CPU threads (default: the cores the load average leaves idle, at least 1)')
+                        help='torch CPU threads (default: OMP_NUM_THREADS, else the cores idle right now, at least 1)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the encoders\' weights and training (default 0)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bars')
     return parser

@@ -11,11 +11,15 @@ Examples:
   python tools/convert_pixart_to_diffusers.py --reverse --orig_ckpt_path output/diffusers/my_run \
       --dump_path output/my_run_roundtrip.pth
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `diffusion`, installed or not
+
 import argparse
 import json
 import shutil
 import tempfile
-from pathlib import Path
 
 import torch
 

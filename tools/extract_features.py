@@ -15,11 +15,14 @@ Examples:
   # or split by hand across machines
   python tools/extract_features.py CONFIG --start 0 --end 500000
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `diffusion`, installed or not
+
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,8 +30,9 @@ import torch
 from diffusion.data import paths
 from diffusion.data.aspect_ratios import aspect_ratio_table
 from diffusion.data.errors import DataError
-from diffusion.data.extract import FeatureExtractor, idle_cpu_threads, shard_indices
+from diffusion.data.extract import FeatureExtractor, shard_indices
 from diffusion.data.records import load_dataset_records
+from diffusion.utils.cpu import idle_cpu_threads
 from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
 
 
@@ -49,7 +53,7 @@ def build_parser():
                         help='torch device for the encoders (default: cuda:LOCAL_RANK when CUDA is available, '
                              'else cpu)')
     parser.add_argument('--threads', type=int, default=None,
-                        help='torch CPU threads (default: the cores the load average leaves idle, at least 1)')
+                        help='torch CPU threads (default: OMP_NUM_THREADS, else the cores idle right now, at least 1)')
     parser.add_argument('--t5-dtype', choices=('fp32', 'fp16', 'bf16'), default=None,
                         help='T5 weight dtype (default: bf16 on CUDA, fp32 on CPU)')
     parser.add_argument('--t5-8bit', action='store_true', help='load T5 in 8 bits (needs bitsandbytes and CUDA)')

@@ -8,8 +8,12 @@ toy_shapes.json describing the build. Deterministic from --seed.
 Example (the toy recipe, see README):
   python tools/make_toy_dataset.py --out data/toy_shapes
 """
-import argparse
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `diffusion`, installed or not
+
+import argparse
 import time
 
 from diffusion.data.toy_shapes import write_toy_dataset

@@ -9,6 +9,11 @@ carry a sampling error of about 1/sqrt(samples) in mean and 1/sqrt(2 samples) in
 
     python tools/sampler_accuracy.py [--samples 100000] [--steps 5 10 20] [--seed 0]
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `diffusion`, installed or not
+
 import argparse
 
 import torch
