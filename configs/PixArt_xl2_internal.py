@@ -79,7 +79,7 @@ resume_from = dict(  # checkpoint to resume a run from (weights, optimiser, sche
 save_image_epochs = 1  # epochs between evaluation image dumps
 save_model_epochs = 1  # epochs between checkpoints
 save_model_steps = 1000000  # steps between checkpoints
-max_steps = None  # stop after this many optimizer steps (saving a checkpoint); None = run num_epochs
+max_steps = None  # run exactly this many optimizer steps (however many epochs), then checkpoint; None = num_epochs
 keep_last_n = None  # keep only the newest N checkpoints in work_dir/checkpoints (None = keep all)
 max_nonfinite_steps = 20  # consecutive steps with a non-finite loss/gradients before the run stops
 eval_interval = 0  # steps between validation grids of validation_prompts in work_dir/vis (0 = never)

@@ -124,6 +124,13 @@ def test_loss_goes_down_on_a_short_run(train_config, tmp_path):
     assert (tmp_path / "run" / "config.py").is_file()
 
 
+def test_max_steps_sets_the_run_length_beyond_num_epochs(train_config, tmp_path, dataset_root):
+    records = len(json.loads(paths.annotation_path(dataset_root, "data_info.json").read_text()))
+    steps_per_epoch = records // 4
+    result = run(train_config, tmp_path / "run", {"num_epochs": 1, "max_steps": steps_per_epoch + 3})
+    assert len(result.losses) == steps_per_epoch + 3 and final_state(result)["epoch"] >= 1
+
+
 def test_log_is_appended_not_truncated_on_resume(train_config, tmp_path):
     run(train_config, tmp_path / "run", {"max_steps": 2})
     first = (tmp_path / "run" / "train_log.log").read_text()

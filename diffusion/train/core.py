@@ -124,9 +124,8 @@ def train(cfg, options, flavour=None):
     accum = cfg.gradient_accumulation_steps
     effective_batch = cfg.train_batch_size * accum * world
     steps_per_epoch = len(data.batch_sampler) // accum  # the sampler yields `accum` micro-batches a step
-    total_steps = cfg.num_epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    # max_steps, when set, is the length of the run (more or fewer epochs than num_epochs, the last one partial)
+    total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
 
     # ------------------------------------------------------------ resume (weights before wrapping)
     global_step, epoch, step_in_epoch, nonfinite_streak = 0, 0, 0, 0
