@@ -27,7 +27,8 @@ SEED_STRIDE = 1000  # sampling seeds: validation prompts 0, 1, ...; unseen promp
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: the config's max_steps, 3500)")
     parser.add_argument("--num-prompts", type=int, default=16,
                         help="held-out prompts sampled, half validation, half unseen pairs (default 16)")
     parser.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++ steps (default 20)")
@@ -50,10 +51,15 @@ def run_tool(*args):
 
 def main(argv=None):
     args = parse_args(argv)
+    import torch
+
     from diffusion.utils.config import load_config
+    from diffusion.utils.cpu import idle_cpu_threads
+    torch.set_num_threads(idle_cpu_threads())  # every core when the machine is idle, fewer when it is shared
     from diffusion.utils.fileio import atomic_write_text
     out = REPO / args.out
-    cfg = load_config(REPO / CONFIG, {"max_steps": args.steps, "eval_interval": 0})
+    overrides = {"eval_interval": 0} if args.steps is None else {"eval_interval": 0, "max_steps": args.steps}
+    cfg = load_config(REPO / CONFIG, overrides)
     timings = {}
 
     start = stage("1/5 toy dataset")
@@ -75,7 +81,7 @@ def main(argv=None):
     run_tool("tools/extract_features.py", CONFIG)
     timings["features_s"] = time.perf_counter() - start
 
-    start = stage(f"4/5 training {args.steps} steps")
+    start = stage(f"4/5 training {cfg.max_steps} steps")
     result = train_toy(cfg, out / "train")
     timings["train_s"] = time.perf_counter() - start
 

@@ -108,6 +108,7 @@ def test_recipe_end_to_end_at_a_tiny_size(tmp_path):
                                     '--threads', str(torch.get_num_threads()), '--no-progress']) == 0
     report = json.loads((encoders / 'vae' / 'vae_report.json').read_text())
     assert report['scale_factor'] > 0 and (encoders / 'vae' / 'reconstructions.png').is_file()
+    assert report['scale_factor'] == pytest.approx(3.0 / report['latent_std']) and report['latent_gain'] == 3.0
     options = {'data_root': str(tmp_path / 'data'), 't5_pretrained': str(encoders / 't5'),
                'vae_pretrained': str(encoders / 'vae'), 'caption_channels': 32,
                'scale_factor': report['scale_factor']}

@@ -8,8 +8,9 @@ the same calls as the real ones: `T5Embedder(folder)` (AutoTokenizer + T5Encoder
   tied embeddings). Random features still identify each token in its context, which is what
   the diffusion model's cross-attention needs; training the encoder is not required for the toy.
 - VAE: an `AutoencoderKL` trained on the toy images (L1 + MSE, with shape pixels weighted up since the plain
-  backgrounds are easy, and a small KL term). Its latent scale factor is 1/std of its sampled latents (as
-  0.18215 is for SD's VAE); it is stored as the VAE config's `scaling_factor`.
+  backgrounds are easy, and a small KL term). `latent_scale_factor` gives 1/std of its sampled latents (as
+  0.18215 is for SD's VAE); tools/build_toy_encoders.py stores `--latent-gain` (3) times that as the VAE
+  config's `scaling_factor` (its docstring says why).
 """
 import io
 import json
