@@ -22,15 +22,17 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/pixart_config/PixArt_toy_shapes.py"
 OUT = Path("output/quickstart")
 SEED_STRIDE = 1000  # sampling seeds: validation prompts 0, 1, ...; unseen prompts 1000, 1001, ...
+GRID_COLUMNS = 8
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps (default: the config's max_steps, 3500)")
-    parser.add_argument("--num-prompts", type=int, default=16,
-                        help="held-out prompts sampled, half validation, half unseen pairs (default 16)")
+                        help="training steps (default: the config's max_steps, 3000)")
+    parser.add_argument("--num-prompts", type=int, default=64,
+                        help="held-out prompts sampled and scored, half validation, half unseen pairs; the grid "
+                             f"shows the first {GRID_COLUMNS} of each (default 64)")
     parser.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++ steps (default 20)")
     parser.add_argument("--cfg-scale", type=float, default=4.5, help="guidance scale (default 4.5)")
     parser.add_argument("--out", default=str(OUT), help=f"output folder (default {OUT})")
@@ -135,7 +137,8 @@ def sample_and_score(cfg, trained, dataset, out, args):
                                "dpm-solver", args.sample_steps, args.cfg_scale)
         images[split] = [to_pil_image(image) for image in batch]
         scores[split] = alignment_report(images[split], [parse_caption(t) for t in texts], held_out)
-    write_labelled_grid(images, prompts, out / "samples.png")
+    write_labelled_grid({k: v[:GRID_COLUMNS] for k, v in images.items()},
+                        {k: v[:GRID_COLUMNS] for k, v in prompts.items()}, out / "samples.png")
     losses = trained["losses"]
     return {"checkpoint": str(trained["checkpoint"]), "train_steps": cfg.max_steps,
             "loss_first": losses[0][1] if losses else None, "loss_last": losses[-1][1] if losses else None,

@@ -12,7 +12,7 @@ image_size = 64
 num_workers = 0  # items are two small files each: worker processes would cost more than they save
 
 # model: 4 blocks of width 128 (4 heads of 32) on 128-wide toy T5 features of 32 tokens: 1.2M parameters,
-# 13 steps/s on two CPU cores (depth 6 / width 192 ran half as fast and was no better after as many minutes)
+# 11-13 steps/s on two CPU cores (depth 6 / width 192 ran half as fast and was no better after as many minutes)
 model = 'PixArt'
 model_kwargs = dict(depth=4, hidden_size=128, num_heads=4, patch_size=2)
 caption_channels = 128  # width of the toy T5 (tools/build_toy_encoders.py --t5-width)
@@ -38,7 +38,7 @@ auto_lr = None  # the lr above is meant for this batch
 # x0 estimates of the high-noise steps (errors there are multiplied by up to 50 at this latent scale)
 lr_schedule = 'cosine'
 lr_schedule_args = dict(num_warmup_steps=100)
-max_steps = 3500  # scripts/quickstart.py's budget; the cosine schedule ends here
+max_steps = 3000  # scripts/quickstart.py's budget (about 5 min on two cores); the cosine schedule ends here
 ema_rate = 0.998  # a short run: the EMA must follow within a few hundred steps
 seed = 0
 
