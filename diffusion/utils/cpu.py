@@ -17,23 +17,25 @@ def _cpu_times():
     return total - idle, total
 
 
-def busy_cores(interval=0.25):
-    """Cores other work keeps busy, measured over the next `interval` seconds (Linux /proc/stat), or the
-    1-minute load average where /proc/stat is missing."""
+def busy_cores(interval=0.5):
+    """Cores other work keeps busy: the lesser of the 1-minute load average and the busy cores measured over
+    the next `interval` seconds (Linux /proc/stat). Each alone misleads: the load average still counts a
+    process that just ended (a pipeline's previous stage), a short sample counts a command that happens to
+    run at that instant; a competing job that lasts shows in both."""
+    load = os.getloadavg()[0]
     before = _cpu_times()
     if before is None:
-        return os.getloadavg()[0]
+        return load
     time.sleep(interval)
     after = _cpu_times()
     busy, total = after[0] - before[0], after[1] - before[1]
-    return (os.cpu_count() or 1) * busy / total if total > 0 else 0.0
+    return min(load, (os.cpu_count() or 1) * busy / total if total > 0 else 0.0)
 
 
-def idle_cpu_threads(interval=0.25):
+def idle_cpu_threads(interval=0.5):
     """CPU threads worth using now: OMP_NUM_THREADS if set, else the cores that other work leaves idle (at
     least 1). On a shared machine torch's default (every core) makes its threads wait on each other: 5x slower,
-    measured on 2 cores. Measured now, not from the load average: a process that just ended (the previous
-    stage of a pipeline) still weighs on the load average for a minute."""
+    measured on 2 cores."""
     if os.environ.get('OMP_NUM_THREADS', '').isdigit() and int(os.environ['OMP_NUM_THREADS']) > 0:
         return int(os.environ['OMP_NUM_THREADS'])
     cores = os.cpu_count() or 1
