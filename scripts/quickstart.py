@@ -18,6 +18,8 @@ import json
 import subprocess
 import time
 
+from diffusion.utils.config import add_cfg_options_argument
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/pixart_config/PixArt_toy_shapes.py"
 OUT = Path("output/quickstart")
@@ -36,7 +38,17 @@ def parse_args(argv=None):
     parser.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++ steps (default 20)")
     parser.add_argument("--cfg-scale", type=float, default=4.5, help="guidance scale (default 4.5)")
     parser.add_argument("--out", default=str(OUT), help=f"output folder (default {OUT})")
+    parser.add_argument("--num-train", type=int, default=4000,
+                        help="training images of a new toy dataset (default 4000; an existing one is kept)")
+    parser.add_argument("--vae-steps", type=int, default=1000,
+                        help="training steps of a new toy VAE (default 1000; an existing one is kept)")
+    add_cfg_options_argument(parser)
     return parser.parse_args(argv)
+
+
+def cli_cfg_options(options):
+    """--cfg-options as the tools take them: KEY=repr(value) parses back to the same value."""
+    return ["--cfg-options", *(f"{key}={value!r}" for key, value in options.items())] if options else []
 
 
 def stage(name):
@@ -60,27 +72,35 @@ def main(argv=None):
     torch.set_num_threads(idle_cpu_threads())  # every core when the machine is idle, fewer when it is shared
     from diffusion.utils.fileio import atomic_write_text
     out = REPO / args.out
-    overrides = {"eval_interval": 0} if args.steps is None else {"eval_interval": 0, "max_steps": args.steps}
-    cfg = load_config(REPO / CONFIG, overrides)
+    overrides = dict(args.cfg_options or {})
+    if args.steps is not None:
+        overrides["max_steps"] = args.steps
+    tool_options = cli_cfg_options(overrides)
+    cfg = load_config(REPO / CONFIG, {**overrides, "eval_interval": 0})
+    encoders = (REPO / cfg.t5_pretrained).parent
+    if (REPO / cfg.vae_pretrained).parent != encoders:
+        sys.exit(f"error: t5_pretrained ({cfg.t5_pretrained}) and vae_pretrained ({cfg.vae_pretrained}) must share "
+                 f"a folder: tools/build_toy_encoders.py writes t5/ and vae/ side by side")
     timings = {}
 
     start = stage("1/5 toy dataset")
     dataset = REPO / cfg.data_root / cfg.data.root
     if not (dataset / "partition" / "data_info.json").is_file():
-        run_tool("tools/make_toy_dataset.py", "--out", dataset)
+        run_tool("tools/make_toy_dataset.py", "--out", dataset, "--num-train", args.num_train)
     else:
         print(f"found {dataset}")
     timings["dataset_s"] = time.perf_counter() - start
 
     start = stage("2/5 tiny T5 and VAE")
     if not (REPO / cfg.t5_pretrained / "config.json").is_file() or not (REPO / cfg.vae_pretrained / "config.json").is_file():
-        run_tool("tools/build_toy_encoders.py", "--data", dataset, "--config", CONFIG)
+        run_tool("tools/build_toy_encoders.py", "--data", dataset, "--config", CONFIG, "--out", encoders,
+                 "--vae-steps", args.vae_steps, *tool_options)
     else:
         print(f"found {cfg.t5_pretrained} and {cfg.vae_pretrained}")
     timings["encoders_s"] = time.perf_counter() - start
 
     start = stage("3/5 features (complete files are skipped)")
-    run_tool("tools/extract_features.py", CONFIG)
+    run_tool("tools/extract_features.py", CONFIG, *tool_options)
     timings["features_s"] = time.perf_counter() - start
 
     start = stage(f"4/5 training {cfg.max_steps} steps")
