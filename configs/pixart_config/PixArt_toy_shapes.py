@@ -39,7 +39,7 @@ auto_lr = None  # the lr above is meant for this batch
 lr_schedule = 'cosine'
 lr_schedule_args = dict(num_warmup_steps=100)
 max_steps = 3000  # scripts/quickstart.py's budget (about 5 min on two cores); the cosine schedule ends here
-ema_rate = 0.998  # a short run: the EMA must follow within a few hundred steps
+ema_rate = 0.99  # the lr decays to 0, so a short EMA suffices; 0.998 lagged (position 0.71 vs 0.78 live, measured)
 seed = 0
 
 # evaluation, logging, checkpoints
