@@ -31,7 +31,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps (default: the config's max_steps, 3000)")
+                        help="training steps (default: the config's max_steps, 2500)")
     parser.add_argument("--num-prompts", type=int, default=64,
                         help="held-out prompts sampled and scored, half validation, half unseen pairs; the grid "
                              f"shows the first {GRID_COLUMNS} of each (default 64)")

@@ -38,7 +38,7 @@ auto_lr = None  # the lr above is meant for this batch
 # x0 estimates of the high-noise steps (errors there are multiplied by up to 50 at this latent scale)
 lr_schedule = 'cosine'
 lr_schedule_args = dict(num_warmup_steps=100)
-max_steps = 3000  # scripts/quickstart.py's budget (about 5 min on two cores); the cosine schedule ends here
+max_steps = 2500  # scripts/quickstart.py's budget (about 4 min on two cores); the cosine schedule ends here
 ema_rate = 0.99  # the lr decays to 0, so a short EMA suffices; 0.998 lagged (position 0.71 vs 0.78 live, measured)
 seed = 0
 
