@@ -69,8 +69,8 @@ def main(argv=None):
 
     from diffusion.utils.config import load_config
     from diffusion.utils.cpu import idle_cpu_threads
-    torch.set_num_threads(idle_cpu_threads())  # every core when the machine is idle, fewer when it is shared
     from diffusion.utils.fileio import atomic_write_text
+    torch.set_num_threads(idle_cpu_threads())  # every core when the machine is idle, fewer when it is shared
     out = REPO / args.out
     overrides = dict(args.cfg_options or {})
     if args.steps is not None:

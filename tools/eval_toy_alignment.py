@@ -14,7 +14,8 @@ and the same per-shape scores for the shapes whose colour-kind pair no training 
 Inputs: a folder written by scripts/inference.py (its metadata.jsonl names each image and its prompt), or a
 split of the toy dataset itself (--split: the dataset's own images, i.e. the detector's ceiling). Examples:
   python scripts/inference.py --config configs/pixart_config/PixArt_toy_shapes.py \\
-      --model_path output/quickstart/train/checkpoints/<latest>.pth --txt_file prompts.txt --output-dir output/toy_samples
+      --model_path output/quickstart/train/checkpoints/<latest>.pth --txt_file prompts.txt \\
+      --output-dir output/toy_samples
   python tools/eval_toy_alignment.py output/toy_samples --data data/toy_shapes
   python tools/eval_toy_alignment.py --data data/toy_shapes --split unseen
 """
@@ -85,7 +86,8 @@ def read_split(data, split):
     try:
         records = json.loads(Path(annotation).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise EvalError(f'cannot read {annotation}: {err}; expected a toy dataset (tools/make_toy_dataset.py)') from None
+        raise EvalError(f'cannot read {annotation}: {err}; '
+                        f'expected a toy dataset (tools/make_toy_dataset.py)') from None
     return [(Path(paths.image_path(data, r['path'])), r['prompt'], f'{annotation} record {i}')
             for i, r in enumerate(records)]
 
@@ -100,7 +102,7 @@ def held_out_pairs_of(data):
 def evaluate(items, held_out=()):
     """Scores of [(image path, prompt, where)]: {'all_shapes': scores, 'held_out_pairs': scores or None,
     'images': [{file, prompt, read}]}. A missing image or a prompt outside the toy grammar is an EvalError."""
-    images, scenes, readings = [], [], []
+    images, scenes, found, readings = [], [], [], []
     for path, prompt, where in items:
         try:
             scene = parse_caption(prompt)
@@ -113,10 +115,11 @@ def evaluate(items, held_out=()):
             raise EvalError(f'{where}: cannot read image {path}: {err}') from None
         images.append(image)
         scenes.append(scene)
-        found = detect_scene(image)
+        seen = detect_scene(image)
+        found.append(seen)
         readings.append({'file': str(path), 'prompt': prompt,
-                         'read': caption(found) if found.shapes else f'no shapes, on a {found.background} background'})
-    return {'num_images': len(images), **alignment_report(images, scenes, held_out), 'images': readings}
+                         'read': caption(seen) if seen.shapes else f'no shapes, on a {seen.background} background'})
+    return {'num_images': len(images), **alignment_report(images, scenes, held_out, found=found), 'images': readings}
 
 
 def format_table(report):

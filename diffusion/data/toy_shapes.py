@@ -255,22 +255,23 @@ def detect_scene(image):
     return Scene(_nearest(background_rgb, BACKGROUNDS), tuple(shapes))
 
 
-def alignment_scores(images, scenes, only=None):
+def alignment_scores(images, scenes, only=None, found=None):
     """How well images show their scenes, as fractions in [0, 1]: `background`, `count` (as many blobs as
     shapes), and per described shape `position` (a blob in its cell), `colour`, `kind`, `size` (that blob's
     attributes; a missing blob counts as wrong) and `all` (every attribute right). `only(shape) -> bool`
-    limits the per-shape scores to the shapes it accepts (e.g. those of held-out colour-kind pairs)."""
+    limits the per-shape scores to the shapes it accepts (e.g. those of held-out colour-kind pairs).
+    `found`: the images' `detect_scene` results, when the caller already has them."""
+    found = [detect_scene(image) for image in images] if found is None else found
     totals = dict(background=0, count=0, position=0, colour=0, kind=0, size=0, all=0)
     num_shapes = 0
-    for image, scene in zip(images, scenes, strict=True):
-        found = detect_scene(image)
-        totals['background'] += found.background == scene.background
-        totals['count'] += len(found.shapes) == len(scene.shapes)
+    for seen, scene in zip(found, scenes, strict=True):
+        totals['background'] += seen.background == scene.background
+        totals['count'] += len(seen.shapes) == len(scene.shapes)
         for shape in scene.shapes:
             if only is not None and not only(shape):
                 continue
             num_shapes += 1
-            match = next((f for f in found.shapes if f.position == shape.position), None)
+            match = next((f for f in seen.shapes if f.position == shape.position), None)
             if match is None:
                 continue
             hits = {key: getattr(match, key) == getattr(shape, key) for key in ('colour', 'kind', 'size')}
@@ -282,15 +283,16 @@ def alignment_scores(images, scenes, only=None):
     return {key: value / (len(scenes) if key in per_scene else max(num_shapes, 1)) for key, value in totals.items()}
 
 
-def alignment_report(images, scenes, held_out=()):
+def alignment_report(images, scenes, held_out=(), found=None):
     """`alignment_scores` over every described shape ('all_shapes') and over the shapes whose (colour, kind)
-    pair is in `held_out` ('held_out_pairs'; None when no scene has one): tools/eval_toy_alignment.py and the
-    quickstart report these."""
+    pair is in `held_out` ('held_out_pairs'; None when no scene has one), reading each image once:
+    tools/eval_toy_alignment.py and the quickstart report these. `found` as for `alignment_scores`."""
+    found = [detect_scene(image) for image in images] if found is None else found
     held_out = {tuple(pair) for pair in held_out}
     has_held_out = any((s.colour, s.kind) in held_out for scene in scenes for s in scene.shapes)
-    return {'all_shapes': alignment_scores(images, scenes),
-            'held_out_pairs': alignment_scores(images, scenes, only=lambda s: (s.colour, s.kind) in held_out)
-            if has_held_out else None}
+    return {'all_shapes': alignment_scores(images, scenes, found=found),
+            'held_out_pairs': alignment_scores(images, scenes, only=lambda s: (s.colour, s.kind) in held_out,
+                                               found=found) if has_held_out else None}
 
 
 # ---------------------------------------------------------------- writing the dataset
