@@ -288,13 +288,14 @@ def test_two_processes_match_one_process_with_twice_the_batch(train_config, tmp_
 
 
 KILLER = """
-import runpy, sys, time, torch
-real_save, calls = torch.save, [0]
+import pathlib, runpy, sys, time, torch
+real_save, calls, hanging = torch.save, [0], pathlib.Path(sys.argv.pop(1))
 def slow_save(obj, f, *args, **kwargs):
     calls[0] += 1
     if calls[0] >= 2:  # the second checkpoint write stops half way and hangs
         f.write(b"partial checkpoint")
         f.flush()
+        hanging.touch()  # tells the test that the write is stuck (the first .tmp it could see is the first write's)
         time.sleep(600)
     return real_save(obj, f, *args, **kwargs)
 torch.save = slow_save
@@ -307,13 +308,17 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(train_c
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
     work = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(killer), str(TRAIN_SCRIPT), str(train_config), "--work-dir",
-                             str(work), "--report-to", "none", "--cfg-options", "max_steps=6", "save_model_steps=3"],
+    hanging = tmp_path / "hanging"
+    proc = subprocess.Popen([sys.executable, str(killer), str(hanging), str(TRAIN_SCRIPT), str(train_config),
+                             "--work-dir", str(work), "--report-to", "none",
+                             "--cfg-options", "max_steps=6", "save_model_steps=3"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
-    while time.time() < deadline and not list((work / "checkpoints").glob(".*.tmp")):
+    while time.time() < deadline and not hanging.exists():
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         time.sleep(0.2)
+    assert hanging.exists(), "the second checkpoint write never started"
+    assert list((work / "checkpoints").glob(".*.tmp")), "the hanging write left no temporary file"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert [p.name for p in ckpt.list_checkpoints(work)] == ["epoch_1_step_3.pth"]
