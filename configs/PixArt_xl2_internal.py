@@ -42,6 +42,7 @@ learn_sigma = True  # train the variance with the variational-bound loss term
 train_sampling_steps = 1000  # diffusion steps used in training
 eval_sampling_steps = 250  # sampler steps used for evaluation images
 snr_loss = False  # the reference snr_loss: x0-space MSE for timesteps <= 249, eps MSE above
+min_snr_gamma = None  # e.g. 5.0: min-SNR-gamma loss weighting (Hang et al. 2023); None: the paper's plain MSE
 cfg_scale = 4.0  # guidance scale for evaluation images (released as 4; a float so 4.5 validates)
 mask_type = 'null'  # token masking strategy ('null' = no masking)
 num_group_tokens = 0  # grouped mask tokens (0 = off)

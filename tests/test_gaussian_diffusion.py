@@ -240,6 +240,31 @@ def test_snr_option_measures_x0_error_at_timesteps_up_to_249_and_eps_error_above
     assert terms["mse"][1].item() == pytest.approx(((eps[1] - noise[1]) ** 2).mean().item())
 
 
+@pytest.mark.parametrize("predict_xstart", [False, True])
+def test_min_snr_gamma_weights_the_mse_by_min_snr_gamma_over_snr(predict_xstart):
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.randn(3, 2, 2, 2, generator=gen, dtype=torch.float64)
+    noise = torch.randn(3, 2, 2, 2, generator=gen, dtype=torch.float64)
+    t = batch(10, 300, 900)  # SNR about 1e3, 2, 4e-4: the first is clipped at gamma, the others are not
+    plain = IDDPM("", predict_xstart=predict_xstart).training_losses(toy_model, x0, t, noise=noise)
+    weighted = IDDPM("", predict_xstart=predict_xstart, min_snr_gamma=5.0).training_losses(
+        toy_model, x0, t, noise=noise)
+    snr = ABAR[t] / (1 - ABAR[t])
+    weight = snr.clamp(max=5.0) if predict_xstart else snr.clamp(max=5.0) / snr
+    assert torch.allclose(weighted["mse"], plain["mse"] * weight, rtol=1e-9)
+    assert torch.allclose(weighted["vb"], plain["vb"])  # the variance's bound is left alone
+    assert torch.allclose(weighted["loss"], weighted["mse"] + weighted["vb"])
+    if not predict_xstart:
+        assert weight[0] < 0.02 and weight[1:].tolist() == [1.0, 1.0]
+
+
+def test_min_snr_gamma_rejects_non_positive_values_and_the_reference_snr_loss():
+    with pytest.raises(ValueError, match="min_snr_gamma must be a positive"):
+        IDDPM("", min_snr_gamma=0.0)
+    with pytest.raises(ValueError, match="choose one"):
+        IDDPM("", snr=True, min_snr_gamma=5.0)
+
+
 # ---------------------------------------------------------------- likelihood pieces
 
 def test_discretized_log_likelihood_matches_normal_bin_masses_including_the_tails():

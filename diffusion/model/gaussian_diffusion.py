@@ -37,11 +37,15 @@ class GaussianDiffusion:
         exactly when the variance is learned); with a fixed variance they are ignored.
     snr: the reference's `snr_loss` option: for original timesteps <= 249 the MSE is measured on x0
         instead of eps.
+    min_snr_gamma: min-SNR-gamma loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+        Weighting Strategy"): the mean's MSE is weighted by min(SNR_t, gamma) / SNR_t for eps prediction,
+        min(SNR_t, gamma) for x0 prediction (SNR_t = abar_t / (1 - abar_t)), so the low-noise steps no longer
+        dominate the gradient; None (default) leaves the loss unweighted. The variational bound is not weighted.
     timestep_map: the original timestep of each step, passed to the model (see `respace.SpacedDiffusion`).
     """
 
     def __init__(self, betas, *, mean_type="epsilon", var_type="learned_range", loss_type="mse",
-                 pred_sigma=None, snr=False, timestep_map=None):
+                 pred_sigma=None, snr=False, min_snr_gamma=None, timestep_map=None):
         if mean_type not in MEAN_TYPES:
             raise ValueError(f"mean_type {mean_type!r} is unknown; expected one of {MEAN_TYPES}")
         if var_type not in VAR_TYPES:
@@ -51,8 +55,12 @@ class GaussianDiffusion:
         pred_sigma = var_type == "learned_range" if pred_sigma is None else pred_sigma
         if var_type == "learned_range" and not pred_sigma:
             raise ValueError("var_type 'learned_range' needs a model that predicts sigma (pred_sigma=True)")
+        if min_snr_gamma is not None and not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be a positive number or None, got {min_snr_gamma!r}")
+        if min_snr_gamma is not None and snr:
+            raise ValueError("min_snr_gamma and snr (the reference's snr_loss) both reweight the MSE; choose one")
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
-        self.pred_sigma, self.snr = pred_sigma, snr
+        self.pred_sigma, self.snr, self.min_snr_gamma = pred_sigma, snr, min_snr_gamma
 
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         if betas.ndim != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
@@ -271,5 +279,11 @@ class GaussianDiffusion:
             target = torch.where(high_noise, noise, x_start)
             prediction = torch.where(high_noise, pred_eps, pred_x0)
         terms["mse"] = mean_flat((target - prediction) ** 2)
+        if self.min_snr_gamma is not None:
+            snr = self.alphas_cumprod[t.cpu()] / (1.0 - self.alphas_cumprod[t.cpu()])
+            weight = snr.clamp(max=self.min_snr_gamma)
+            if self.mean_type == "epsilon":
+                weight = weight / snr
+            terms["mse"] = terms["mse"] * weight.to(device=terms["mse"].device, dtype=terms["mse"].dtype)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms

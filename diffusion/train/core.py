@@ -120,7 +120,7 @@ def train(cfg, options, flavour=None):
                                       source=options.load_from)
         log.info(report.summary())
     diffusion = IDDPM(str(cfg.train_sampling_steps), learn_sigma=cfg.learn_sigma, pred_sigma=cfg.pred_sigma,
-                      snr=cfg.snr_loss)
+                      snr=cfg.snr_loss, min_snr_gamma=cfg.min_snr_gamma)
     accum = cfg.gradient_accumulation_steps
     effective_batch = cfg.train_batch_size * accum * world
     steps_per_epoch = len(data.batch_sampler) // accum  # the sampler yields `accum` micro-batches a step
