@@ -1,9 +1,11 @@
 """Build the toy text encoder and VAE for a toy-shapes dataset (tools/make_toy_dataset.py).
 
 Writes two folders under --out that load exactly like the real encoders:
-  t5/   sentencepiece tokenizer trained on the captions + a small random T5EncoderModel
-        (diffusion.model.t5.T5Embedder(folder), like t5-v1_1-xxl)
-  vae/  AutoencoderKL (/8, 4 latent channels) trained on the training images, its scaling_factor in
+  t5/   sentencepiece tokenizer trained on the captions + a small T5EncoderModel, trained --t5-steps steps
+        so that every token's feature tells the attributes of its shape phrase (t5_report.json: how well a
+        linear read-out recovers them) (diffusion.model.t5.T5Embedder(folder), like t5-v1_1-xxl)
+  vae/  AutoencoderKL (/8, 4 latent channels) trained on the training images, latent channels 0-2 anchored
+        to the average-pooled image (--vae-anchor; diffusion/data/toy_encoders.py says why), its scaling_factor in
         config.json, plus vae_report.json (PSNR on the val images, scale factor) and reconstructions.png
         (val images above, their reconstructions below) (AutoencoderKL.from_pretrained(folder), like
         sd-vae-ft-ema)
@@ -45,6 +47,7 @@ from diffusion.data.toy_encoders import (
     psnr,
     reconstruct,
     save_toy_vae,
+    train_toy_t5,
     train_toy_vae,
 )
 from diffusion.data.toy_shapes import SPLIT_FILES, alignment_scores, parse_caption
@@ -72,9 +75,15 @@ def build_parser():
     parser.add_argument('--vocab-size', type=int, default=192, help='tokenizer vocabulary size (default 192)')
     parser.add_argument('--max-length', type=int, default=32,
                         help='caption tokens the pipeline uses; every caption must fit (default 32)')
+    parser.add_argument('--t5-steps', type=int, default=300,
+                        help='steps training the T5 so that each token\'s feature tells its shape phrase\'s '
+                             'attributes; 0 keeps it random (default 300)')
     parser.add_argument('--vae-steps', type=int, default=1000, help='VAE training steps (default 1000)')
     parser.add_argument('--vae-batch-size', type=int, default=16, help='VAE training batch (default 16)')
     parser.add_argument('--vae-lr', type=float, default=2e-3, help='VAE peak learning rate (default 2e-3)')
+    parser.add_argument('--vae-anchor', type=float, default=1.0,
+                        help='weight of the loss tying latent channels 0-2 to the /8 average-pooled image; 0 '
+                             'leaves the latent code free (default 1)')
     parser.add_argument('--latent-gain', type=float, default=LATENT_GAIN,
                         help=f'the VAE\'s scaling_factor is this many times 1/std of its latents (default '
                              f'{LATENT_GAIN}; 1 = unit variance, like 0.18215 for SD\'s VAE): see the module docstring')
@@ -137,6 +146,11 @@ def main(argv=None):
                 captions += [r.prompt for r in load_dataset_records(dataset, [SPLIT_FILES[split]], 'json')]
             t5_dir = build_toy_t5(captions, out / 't5', width=args.t5_width, num_layers=args.t5_layers,
                                   num_heads=args.t5_heads, vocab_size=args.vocab_size, seed=args.seed)
+            if args.t5_steps:
+                accuracy = train_toy_t5(t5_dir, [r.prompt for r in train_records], args.max_length,
+                                        steps=args.t5_steps, seed=args.seed, progress=not args.no_progress)
+                atomic_write_text(t5_dir / 't5_report.json', json.dumps({'readout_accuracy': accuracy}, indent=1))
+                print('T5 read-out accuracy: ' + ', '.join(f'{k} {v:.3f}' for k, v in accuracy.items()))
             from diffusion.model.t5 import T5Embedder, clean_caption
             embedder = T5Embedder(t5_dir, model_max_length=args.max_length)
             longest = max_token_count(embedder.tokenizer, [clean_caption(c) for c in captions])
@@ -150,7 +164,8 @@ def main(argv=None):
         if not args.skip_vae:
             val_records, val_images = read_split(dataset, 'val')
             vae, history = train_toy_vae(train_images, steps=args.vae_steps, batch_size=args.vae_batch_size,
-                                         lr=args.vae_lr, block_out_channels=args.vae_channels, seed=args.seed,
+                                         lr=args.vae_lr, anchor_weight=args.vae_anchor,
+                                         block_out_channels=args.vae_channels, seed=args.seed,
                                          progress=not args.no_progress)
             val = images_to_tensor(val_images)
             reconstructions = reconstruct(vae, val)
@@ -159,7 +174,7 @@ def main(argv=None):
             vae_dir = save_toy_vae(vae, out / 'vae', scale_factor)
             scores = alignment_scores(to_uint8(reconstructions), [parse_caption(r.prompt) for r in val_records])
             report = {'psnr_val_db': round(psnr(reconstructions, val), 2), 'scale_factor': scale_factor,
-                      'latent_std': 1 / unit_scale, 'latent_gain': args.latent_gain,
+                      'latent_std': 1 / unit_scale, 'latent_gain': args.latent_gain, 'anchor_weight': args.vae_anchor,
                       'reconstruction_alignment': {k: round(v, 3) for k, v in scores.items()},
                       'steps': args.vae_steps, 'final_train_mse': float(np.mean(history[-50:])),
                       'block_out_channels': list(args.vae_channels), 'train_images': len(train_images),

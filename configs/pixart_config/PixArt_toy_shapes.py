@@ -24,21 +24,25 @@ mixed_precision = 'no'
 # encoders (tools/build_toy_encoders.py writes both; it reports the scale factor of the VAE it trained)
 vae_pretrained = 'output/pretrained_models/toy/vae'
 t5_pretrained = 'output/pretrained_models/toy/t5'
-# 3 / std of the toy VAE's latents (build_toy_encoders --latent-gain 3 gives 1.26-1.32; CPU threads vary):
+# 3 / std of the toy VAE's latents (build_toy_encoders --latent-gain 3 gave 4.98-5.08; CPU threads vary):
 # latents of 3x unit variance keep enough of so small an image's layout at mid timesteps to learn it in minutes
-scale_factor = 1.28
+scale_factor = 5.0
 
 # training
 train_batch_size = 32
 gradient_accumulation_steps = 1
 gradient_clip = 1.0
-optimizer = dict(type='AdamW', lr=1e-3, weight_decay=0.0, eps=1e-8)
+optimizer = dict(type='AdamW', lr=2e-3, weight_decay=0.0, eps=1e-8)
 auto_lr = None  # the lr above is meant for this batch
 # decaying to 0 is what made samples clean: at a constant lr the eps prediction stays too noisy for the
 # x0 estimates of the high-noise steps (errors there are multiplied by up to 50 at this latent scale)
 lr_schedule = 'cosine'
 lr_schedule_args = dict(num_warmup_steps=100)
 max_steps = 2500  # scripts/quickstart.py's budget (about 4 min on two cores); the cosine schedule ends here
+# min-SNR weighting: with plain eps-MSE most of the gradient went to low-noise steps, where layout and colours
+# are already decided; over 2500 steps, gamma 0.3 took position accuracy from 0.3-0.4 to 0.9 and colour from
+# 0.1 to 0.6 (gamma 1: 0.8 and 0.3-0.4; gamma 5: 0.4-0.5 and 0.1-0.2; measured on 32 + 32 held-out prompts)
+min_snr_gamma = 0.3
 ema_rate = 0.99  # the lr decays to 0, so a short EMA suffices; 0.998 lagged (position 0.71 vs 0.78 live, measured)
 seed = 0
 

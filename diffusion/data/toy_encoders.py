@@ -4,13 +4,19 @@ the same calls as the real ones: `T5Embedder(folder)` (AutoTokenizer + T5Encoder
 
 - T5: a sentencepiece tokenizer trained on the toy captions (plus the alphabet, so any lowercase text
   tokenises; BPE rather than T5's unigram, which on so small a closed vocabulary keeps words in pieces)
-  and a small, randomly initialised `T5EncoderModel` (T5 v1.1 layout: gated-GELU, relative positions, no
-  tied embeddings). Random features still identify each token in its context, which is what
-  the diffusion model's cross-attention needs; training the encoder is not required for the toy.
+  and a small `T5EncoderModel` (T5 v1.1 layout: gated-GELU, relative positions, no tied embeddings).
+  Randomly initialised, such an encoder gives a word nearly the same feature wherever it stands (its
+  residual stream is the word embedding), so "a red circle on the left and a blue square on the right"
+  and its colour-swapped twin encode alike. `train_toy_t5` trains it briefly to make each token's feature
+  tell the attributes of the shape phrase it is part of: contextual features, as T5-XXL's are.
 - VAE: an `AutoencoderKL` trained on the toy images (L1 + MSE, with shape pixels weighted up since the plain
-  backgrounds are easy, and a small KL term). `latent_scale_factor` gives 1/std of its sampled latents (as
-  0.18215 is for SD's VAE); tools/build_toy_encoders.py stores `--latent-gain` (3) times that as the VAE
-  config's `scaling_factor` (its docstring says why).
+  backgrounds are easy, and a small KL term). With `anchor_weight`, latent channels 0-2 are also pulled
+  towards the /8 average-pooled image and channel 3 weakly towards 0 (it keeps what the decoder needs beyond):
+  colours then sit as far apart in the latent space as in RGB, where an unanchored VAE put them on nearly one
+  axis and the diffusion model mixed them up. (SD's VAE latents are also close to a linear map of a
+  low-resolution image; latent previews rely on that.) `latent_scale_factor` gives 1/std of its sampled
+  latents (as 0.18215 is for SD's VAE); tools/build_toy_encoders.py stores `--latent-gain` (3) times that as
+  the VAE config's `scaling_factor` (its docstring says why).
 """
 import io
 import json
@@ -70,6 +76,92 @@ def build_toy_t5(captions, out_dir, width=128, num_layers=2, num_heads=4, vocab_
     return out_dir
 
 
+# per-token targets of `train_toy_t5`: the attributes of the phrase a token belongs to
+PHRASE_ATTRIBUTES = ('colour', 'kind', 'size', 'position')
+
+
+def phrase_targets(text, word_ids):
+    """Per-token class targets (len(word_ids), 5) of a toy caption: the colour, kind, size and position of the
+    shape phrase a token is part of (-100 for tokens of no shape phrase), then the scene's background (every
+    token, special tokens included). `word_ids`: the tokenizer's word index of each token (None: special)."""
+    from diffusion.data import toy_shapes
+
+    scene = toy_shapes.parse_caption(text)
+    tables = [list(toy_shapes.COLOURS), list(toy_shapes.KINDS), list(toy_shapes.SIZES),
+              list(toy_shapes.POSITIONS.values())]
+    phrase_of_word, phrase = [], 0
+    for word in text.split():
+        if word == 'and' and phrase == 0:
+            phrase_of_word.append(None)  # the conjunction belongs to neither shape
+            phrase = 1
+            continue
+        phrase_of_word.append(phrase)
+        if word.endswith(','):  # the last shape phrase ends at the comma; the background phrase follows
+            phrase = 2
+    background = list(toy_shapes.BACKGROUNDS).index(scene.background)
+    targets = []
+    for word in word_ids:
+        which = None if word is None else phrase_of_word[word]
+        if which is None or which >= len(scene.shapes):
+            targets.append([-100] * len(tables) + [background])
+        else:
+            shape = scene.shapes[which]
+            targets.append([table.index(getattr(shape, key)) for table, key in zip(tables, PHRASE_ATTRIBUTES)]
+                           + [background])
+    return targets
+
+
+def train_toy_t5(t5_dir, captions, model_max_length, steps=300, batch_size=64, lr=3e-3, seed=0, progress=True):
+    """Train the toy T5 in `t5_dir` so that every token's feature tells the attributes of the shape phrase it is
+    part of and the scene's background (linear read-outs, cross-entropy; the read-outs are discarded), then save
+    it back. Returns the read-out accuracy per attribute on `captions`.
+
+    A random T5 gives each token a feature of its own word, barely of its neighbours': binding "red" to "left"
+    in "a red circle on the left" was left to the diffusion model, which two minutes of training did not learn
+    (colours of two-shape scenes came out at chance). T5-XXL's features are contextual; this makes the toy's so."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from diffusion.data import toy_shapes
+
+    tokenizer = AutoTokenizer.from_pretrained(t5_dir, local_files_only=True)
+    model = T5EncoderModel.from_pretrained(t5_dir, local_files_only=True)
+    texts = list(dict.fromkeys(captions))
+    tokens = tokenizer(texts, max_length=model_max_length, padding='max_length', truncation=True,
+                       return_tensors='pt')
+    targets = torch.tensor([phrase_targets(text, tokens.word_ids(i)) for i, text in enumerate(texts)])
+    targets[tokens['attention_mask'] == 0] = -100  # padding predicts nothing
+    sizes = (len(toy_shapes.COLOURS), len(toy_shapes.KINDS), len(toy_shapes.SIZES), len(toy_shapes.POSITIONS),
+             len(toy_shapes.BACKGROUNDS))
+    torch.manual_seed(seed)
+    heads = torch.nn.Linear(model.config.d_model, sum(sizes))
+    parameters = list(model.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+
+    def losses_and_hits(ids, mask, target):
+        logits = heads(model(input_ids=ids, attention_mask=mask).last_hidden_state).split(sizes, dim=-1)
+        loss = sum(torch.nn.functional.cross_entropy(l.flatten(0, 1), t.flatten(), ignore_index=-100)
+                   for l, t in zip(logits, target.unbind(-1)))
+        hits = [((l.argmax(-1) == t) & (t >= 0)).sum().item() / max((t >= 0).sum().item(), 1)
+                for l, t in zip(logits, target.unbind(-1))]
+        return loss, hits
+
+    model.train()
+    bar = tqdm(range(steps), desc='T5 training', unit='step', disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        pick = torch.randint(len(texts), (batch_size,), generator=generator)
+        loss, _ = losses_and_hits(tokens['input_ids'][pick], tokens['attention_mask'][pick], targets[pick])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f'{loss.item():.3f}', refresh=False)
+    model.eval()
+    with torch.no_grad():
+        _, hits = losses_and_hits(tokens['input_ids'], tokens['attention_mask'], targets)
+    model.save_pretrained(t5_dir)
+    return dict(zip(PHRASE_ATTRIBUTES + ('background',), hits))
+
+
 def max_token_count(tokenizer, captions):
     """The most tokens (with the EOS) any caption needs, untruncated."""
     return max(len(ids) for ids in tokenizer(list(captions), add_special_tokens=True)['input_ids'])
@@ -118,9 +210,16 @@ def latent_scale_factor(vae, images, seed=0, batch_size=64):
     return float(1.0 / torch.cat(latents).std())
 
 
+# of anchor_weight: channel 3's weak pull towards 0, which keeps its scale near the others'; 0.1 held it near 0
+# (std 0.18 against 1.7) and shapes read back from the reconstructions worse (kind 0.66 against 0.71)
+ANCHOR_FREE_CHANNEL_WEIGHT = 0.01
+
+
 def train_toy_vae(train_images, steps=1000, batch_size=16, lr=2e-3, warmup=30, foreground_weight=4.0,
-                  kl_weight=1e-6, block_out_channels=(16, 16, 32, 64), seed=0, progress=True):
-    """Train an AutoencoderKL on uint8 images (N, H, W, 3); returns the model (eval mode) and the loss history."""
+                  kl_weight=1e-6, anchor_weight=1.0, block_out_channels=(16, 16, 32, 64), seed=0, progress=True):
+    """Train an AutoencoderKL on uint8 images (N, H, W, 3); returns the model (eval mode) and the loss history.
+    `anchor_weight`: weight of the MSE between the posterior mean's channels 0-2 and the /8 average-pooled image
+    (plus `ANCHOR_FREE_CHANNEL_WEIGHT` times channel 3's mean square); 0 leaves the latent code free."""
     from diffusers import AutoencoderKL
 
     images = images_to_tensor(train_images).contiguous(memory_format=torch.channels_last)
@@ -145,6 +244,11 @@ def train_toy_vae(train_images, steps=1000, batch_size=16, lr=2e-3, warmup=30, f
         weight = 1.0 + foreground_weight * foreground.float()
         error = reconstruction - batch
         loss = (weight * (error.abs() + error ** 2)).mean() + kl_weight * posterior.kl().mean() / batch[0].numel()
+        if anchor_weight:
+            mean = posterior.mean
+            pooled = torch.nn.functional.avg_pool2d(batch, VAE_DOWNSAMPLE)
+            loss = loss + anchor_weight * ((mean[:, :3] - pooled).pow(2).mean()
+                                           + ANCHOR_FREE_CHANNEL_WEIGHT * mean[:, 3:].pow(2).mean())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
