@@ -280,10 +280,11 @@ class GaussianDiffusion:
             prediction = torch.where(high_noise, pred_eps, pred_x0)
         terms["mse"] = mean_flat((target - prediction) ** 2)
         if self.min_snr_gamma is not None:
-            snr = self.alphas_cumprod[t.cpu()] / (1.0 - self.alphas_cumprod[t.cpu()])
-            weight = snr.clamp(max=self.min_snr_gamma)
+            abar = self.alphas_cumprod[t.cpu()]
+            signal_to_noise = abar / (1.0 - abar)
+            weight = signal_to_noise.clamp(max=self.min_snr_gamma)
             if self.mean_type == "epsilon":
-                weight = weight / snr
+                weight = weight / signal_to_noise
             terms["mse"] = terms["mse"] * weight.to(device=terms["mse"].device, dtype=terms["mse"].dtype)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
