@@ -78,3 +78,14 @@ def test_the_vae_anchor_ties_latent_channels_0_to_2_to_the_pooled_image():
     anchored, free = anchor_error(10.0), anchor_error(0.0)  # a strong anchor: 60 steps are few
     # channels 0-2 nearer the pooled image, channel 3 nearer 0 (the full 1000-step build gets to an MSE of 0.03)
     assert anchored[0] < 0.6 * free[0] and anchored[1] < 0.5 * free[1], (anchored, free)
+
+
+@pytest.mark.parametrize('flag, value, message', [('--t5-steps', '-1', '--t5-steps must be 0 or more'),
+                                                  ('--vae-anchor', '-0.5', '--vae-anchor must be 0 or more'),
+                                                  ('--latent-gain', '0', '--latent-gain must be positive')])
+def test_build_toy_encoders_rejects_out_of_range_values_by_name(flag, value, message, capsys):
+    from tools import build_toy_encoders
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_toy_encoders.parse_args([flag, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -105,6 +105,12 @@ def parse_args(argv=None):
         parser.error(f'--vae-channels expects comma-separated integers, got {args.vae_channels!r}')
     if len(args.vae_channels) != 4:
         parser.error(f'--vae-channels needs 4 levels (3 halvings = /8), got {len(args.vae_channels)}')
+    if args.t5_steps < 0:
+        parser.error(f'--t5-steps must be 0 or more, got {args.t5_steps}')
+    if args.vae_anchor < 0:
+        parser.error(f'--vae-anchor must be 0 or more, got {args.vae_anchor}')
+    if not args.latent_gain > 0:
+        parser.error(f'--latent-gain must be positive, got {args.latent_gain}')
     if args.skip_t5 and args.skip_vae:
         parser.error('--skip-t5 and --skip-vae leave nothing to do')
     return args

@@ -125,9 +125,11 @@ def train_toy_t5(t5_dir, captions, model_max_length, steps=300, batch_size=64, l
     two-shape caption. T5-XXL's features are contextual; this makes the toy's so."""
     from transformers import AutoTokenizer, T5EncoderModel
 
+    from diffusion.model.t5 import clean_caption
+
     tokenizer = AutoTokenizer.from_pretrained(t5_dir, local_files_only=True)
     model = T5EncoderModel.from_pretrained(t5_dir, local_files_only=True)
-    texts = list(dict.fromkeys(captions))
+    texts = list(dict.fromkeys(clean_caption(c) for c in captions))  # the text T5Embedder will tokenise
     tokens = tokenizer(texts, max_length=model_max_length, padding='max_length', truncation=True,
                        return_tensors='pt')
     targets = torch.tensor([phrase_targets(text, tokens.word_ids(i)) for i, text in enumerate(texts)])
