@@ -1,15 +1,19 @@
-"""The model's speed options (trim_captions, fused_modulation, compile) change the work, never the function:
-outputs and gradients match the plain model, diffusers, and the released state-dict layout, on or off."""
+"""The model's speed options (trim_captions, pack_captions, fused_modulation, compile) and its sampling caption
+cache change the work, never the function: outputs and gradients match the plain model, diffusers, and the
+released state-dict layout, on or off."""
 import pytest
 import torch
 
+from diffusion import DPMS
 from diffusion.model.nets import PixArt, PixArtMS
 from diffusion.model.nets.PixArt import trim_caption_padding
 from diffusion.utils.diffusers_interop import architecture_of, build_diffusers_model, pixart_to_diffusers
 from tests.conftest import tiny_inputs, tiny_model
 
-ALL_OFF = dict(trim_captions=False, fused_modulation=False, compile=False)
-ALL_ON = dict(trim_captions=True, fused_modulation=True, compile=True)
+ALL_OFF = dict(trim_captions=False, pack_captions=False, fused_modulation=False, compile=False)
+ALL_ON = dict(trim_captions=True, pack_captions=True, fused_modulation=True, compile=True)
+# Compiled blocks run eagerly on the CPU, and packing is off with compile: ALL_ON alone would not pack here.
+EAGER_ON = dict(ALL_ON, compile=False)
 TOL = dict(rtol=0, atol=1e-5)
 
 
@@ -30,14 +34,16 @@ def test_trim_caption_padding_cuts_the_shared_padding_and_drops_a_full_mask():
 
 
 @pytest.mark.parametrize("cls", [PixArt, PixArtMS])
-@pytest.mark.parametrize("mask_kind", ["shared-padding", "no-padding", "mask-none"])
-def test_speed_options_give_the_plain_models_outputs_and_gradients(cls, mask_kind):
+@pytest.mark.parametrize("mask_kind", ["shared-padding", "ragged", "no-padding", "mask-none"])
+@pytest.mark.parametrize("options", [ALL_ON, EAGER_ON], ids=["all-on", "eager-on"])
+@pytest.mark.parametrize("grad_checkpointing", [False, True], ids=["plain", "grad-ckpt"])
+def test_speed_options_give_the_plain_models_outputs_and_gradients(cls, mask_kind, options, grad_checkpointing):
     x, t, y, mask, info = tiny_inputs()
-    mask = {"shared-padding": padded_at_the_end(mask), "no-padding": torch.ones_like(mask),
+    mask = {"shared-padding": padded_at_the_end(mask), "ragged": mask, "no-padding": torch.ones_like(mask),
             "mask-none": None}[mask_kind]
     results = []
-    for options in (ALL_OFF, ALL_ON):
-        model = tiny_model(cls, **options).train()
+    for opts in (ALL_OFF, options):
+        model = tiny_model(cls, grad_checkpointing=grad_checkpointing, gc_step=1, **opts).train()
         model.y_embedder.uncond_prob = 0.0
         out = model(x, t, y, mask, data_info=info)
         out.square().mean().backward()
@@ -48,7 +54,7 @@ def test_speed_options_give_the_plain_models_outputs_and_gradients(cls, mask_kin
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("options", [ALL_OFF, ALL_ON], ids=["options-off", "options-on"])
+@pytest.mark.parametrize("options", [ALL_OFF, ALL_ON, EAGER_ON], ids=["options-off", "options-on", "eager-on"])
 def test_speed_options_match_diffusers_on_shared_caption_padding(options):
     ours = tiny_model(PixArtMS, lewei_scale=2.0, **options)
     state, _ = pixart_to_diffusers(ours.state_dict())
@@ -66,6 +72,18 @@ def test_speed_options_keep_the_state_dict_layout():
     plain, fast = tiny_model(PixArt, **ALL_OFF), tiny_model(PixArt, **ALL_ON)
     assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in fast.state_dict().items()}
     fast.load_state_dict(plain.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("cls", [PixArt, PixArtMS])
+def test_the_residual_stream_is_contiguous_from_the_patch_embedding_on(cls):
+    """A transposed (column-major) token layout would make every LayerNorm and Linear copy its input."""
+    model = tiny_model(cls)
+    x, t, y, mask, info = tiny_inputs(height=8, width=12 if cls is PixArtMS else 8)
+    layouts = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda _, args: layouts.append(args[0].is_contiguous()))
+    model(x, t, y, mask, data_info=info)
+    assert layouts == [True] * len(model.blocks)
 
 
 def test_caption_dropout_still_sees_whole_captions_when_trimming():
@@ -100,3 +118,98 @@ def test_cuda_fused_and_compiled_blocks_match_the_plain_model(grad_checkpointing
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
     for grad, ref_grad in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------- the sampling caption cache
+
+def uncached(model, *args, **kwargs):
+    """The model's output computed without its caption cache (inside or outside the context)."""
+    cache, model._caption_cache = model._caption_cache, None
+    try:
+        return model(*args, **kwargs)
+    finally:
+        model._caption_cache = cache
+
+
+def count_projections(model):
+    calls = []
+    model.y_embedder.y_proj.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("cls", [PixArt, PixArtMS])
+@pytest.mark.parametrize("mask_kind", ["ragged", "shared-padding", "mask-none"])
+def test_caption_cache_projects_once_per_dpm_solver_run_and_samples_the_same(cls, mask_kind):
+    x, _, y, mask, info = tiny_inputs()
+    mask = {"ragged": mask, "shared-padding": padded_at_the_end(mask), "mask-none": None}[mask_kind]
+    model = tiny_model(cls)
+    calls = count_projections(model)
+
+    def sample():
+        solver = DPMS(model.forward_with_dpmsolver, y, model.y_embedder.y_embedding[None], 4.5,
+                      dict(mask=mask, data_info=info))
+        return solver.sample(x, steps=6, order=2, skip_type="time_uniform", method="multistep", progress=False)
+
+    with torch.no_grad():
+        plain = sample()
+        evaluations = len(calls)
+        with model.caption_cache():
+            cached = sample()
+    assert evaluations >= 6 and len(calls) == evaluations + 1
+    assert torch.equal(cached, plain)  # the same kernels on the same inputs, only fewer times
+    assert model._caption_cache is None  # dropped on exit
+
+
+def test_caption_cache_recomputes_after_captions_masks_or_weights_change():
+    model = tiny_model(PixArt)
+    x, t, y, mask, _ = tiny_inputs()
+    calls = count_projections(model)
+    with torch.no_grad(), model.caption_cache():
+        for change in (lambda: None, lambda: y.mul_(2), lambda: mask[1, 4:].zero_(),
+                       lambda: model.blocks[1].cross_attn.kv_linear.weight.add_(0.1),
+                       lambda: model.y_embedder.y_proj.fc1.bias.sub_(0.1),
+                       lambda: model.load_state_dict(tiny_model(PixArt, seed=5).state_dict())):
+            change()
+            before = len(calls)
+            out = model(x, t, y, mask)
+            assert len(calls) == before + 1  # recomputed after every change
+            torch.testing.assert_close(out, uncached(model, x, t, y, mask), rtol=0, atol=0)
+            before = len(calls)
+            again = model(x, t, y, mask)
+            assert len(calls) == before and torch.equal(again, out)  # and reused while nothing changes
+        # A caption tensor with equal values but another identity is not taken for the cached one.
+        model(x, t, y.clone(), mask)
+        assert len(calls) == before + 1
+
+
+def test_caption_cache_leaves_training_gradients_and_forced_dropout_alone():
+    model = tiny_model(PixArt)
+    x, t, y, mask, _ = tiny_inputs()
+    calls = count_projections(model)
+    with model.caption_cache():
+        model(x, t, y, mask).sum().backward()  # grad enabled: never cached (the graph must be built)
+        model(x, t, y, mask)
+        with torch.no_grad():
+            model.train()
+            model(x, t, y, mask)  # training mode: caption dropout is random
+            model(x, t, y, mask)
+            model.eval()
+            drop = torch.tensor([1, 0, 0])
+            dropped = model(x, t, y, mask, force_drop_ids=drop)
+            model(x, t, y, mask, force_drop_ids=drop)
+            assert len(calls) == 6 and model._caption_cache == []
+            expected = uncached(model, x, t, y, mask, force_drop_ids=drop)
+    torch.testing.assert_close(dropped, expected, rtol=0, atol=0)
+
+
+def test_caption_cache_keeps_a_few_entries_and_nests():
+    model = tiny_model(PixArt)
+    x, t, y, mask, _ = tiny_inputs()
+    with torch.no_grad(), model.caption_cache():
+        captions = [y + i for i in range(PixArt.CAPTION_CACHE_ENTRIES + 2)]
+        for c in captions:
+            model(x, t, c, mask)
+        assert [entry[0] for entry in model._caption_cache] == captions[-PixArt.CAPTION_CACHE_ENTRIES:]
+        with model.caption_cache():
+            assert model._caption_cache == []
+        assert len(model._caption_cache) == PixArt.CAPTION_CACHE_ENTRIES

@@ -1,6 +1,7 @@
 """PixArt: a DiT with cross-attention to T5 caption features and adaLN-single timestep conditioning
 (PixArt-alpha, arXiv 2310.00426). Math, initialisation and state-dict names as SPEC sections 2-3."""
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -15,6 +16,7 @@ from diffusion.model.nets.PixArt_blocks import (
     TimestepEmbedder,
     _repeat_to_batch,
     get_2d_sincos_pos_embed,
+    pack_caption_tokens,
 )
 
 CFG_COMPAT_MODES = ("fixed", "official")
@@ -33,16 +35,20 @@ class PixArt(nn.Module):
     Speed options (each leaves the outputs equal up to float rounding; benchmarks in bench/):
     `trim_captions` drops the caption padding that every sample of the batch has at its end before the
     caption projection and cross-attention, and the mask itself when nothing is left padded (so SDPA can
-    use its unmasked flash kernels); `fused_modulation` computes modulation and gated residuals as single
-    addcmul kernels (CUDA); `compile` wraps every block in `torch.compile` (CUDA; the state-dict keys are
-    unchanged).
+    use its unmasked flash kernels); `pack_captions` projects only the kept caption tokens when captions of
+    different lengths share a batch (training), scattering the keys and values back into the padded grid
+    for attention (not with `compile`, whose graphs want fixed shapes); `fused_modulation` computes
+    modulation and gated residuals as single addcmul kernels (CUDA); `compile` wraps every block in
+    `torch.compile` (CUDA; the state-dict keys are unchanged). `caption_cache()` is a context for samplers:
+    repeated forwards with the same caption batch reuse its projection and every block's keys and values.
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, pred_sigma=True, drop_path=0.0, window_size=0,
                  window_block_indexes=None, use_rel_pos=False, caption_channels=4096, lewei_scale=1.0,
                  model_max_length=120, learn_sigma=True, grad_checkpointing=False, gc_step=1,
-                 fp32_attention=False, trim_captions=True, fused_modulation=True, compile=False):
+                 fp32_attention=False, trim_captions=True, pack_captions=True, fused_modulation=True,
+                 compile=False):
         super().__init__()
         # The configs carry these keys but the reference never applies them; refuse rather than ignore.
         if window_size or window_block_indexes or use_rel_pos:
@@ -73,6 +79,7 @@ class PixArt(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.gc_step = gc_step
         self.trim_captions = trim_captions
+        self.pack_captions = pack_captions
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -124,21 +131,80 @@ class PixArt(nn.Module):
         B = x.shape[0]
         h, w = self._token_grid(x)
         dtype = self.dtype
-        x, y = x.to(dtype), y.to(dtype)
+        x = x.to(dtype)
         if y.shape[0] != B:
             raise ValueError(f"caption batch {y.shape[0]} differs from latent batch {B}")
         x = self.x_embedder(x) + self.position_embedding(h, w, x.device).to(dtype)
         t = self.t_embedder(self._timesteps(timestep, B, x.device))
         t = self.add_micro_conditions(t, data_info, B)
         t0 = self.t_block(t)
-        key_mask = self._caption_mask(mask, B, y.shape[-2], y.device)
-        length = None
-        if self.trim_captions and key_mask is not None and not torch.compiler.is_compiling():
-            key_mask, length = trim_caption_padding(key_mask)
-        y = self.y_embedder(y, self.training, force_drop_ids, length)
-        x = self._run_blocks(x, y, t0, key_mask)
+        captions = self._cached_captions(y, mask, B, force_drop_ids)
+        if captions is None:
+            captions = self.embed_captions(y.to(dtype), mask, B, force_drop_ids)
+            self._cache_captions(y, mask, B, force_drop_ids, captions)
+        x = self._run_blocks(x, captions, t0)
         x = self.final_layer(x, t)
         return self.unpatchify(x, h, w)
+
+    def embed_captions(self, y, mask, batch_size, force_drop_ids=None):
+        """The caption side of a forward: `CaptionTokens` with the projected tokens, the key mask (None when
+        nothing is masked) and, when packed, the pack index. Caption dropout happens here in training."""
+        key_mask = self._caption_mask(mask, batch_size, y.shape[-2], y.device)
+        length = pack_index = None
+        optimise = not torch.compiler.is_compiling()
+        if self.trim_captions and key_mask is not None and optimise:
+            key_mask, length = trim_caption_padding(key_mask)
+        # Packing makes the token count vary from batch to batch: not for compiled blocks (recompilation).
+        if self.pack_captions and key_mask is not None and optimise and not self.compile_blocks:
+            pack_index = pack_caption_tokens(key_mask)
+        tokens = self.y_embedder(y, self.training, force_drop_ids, length, pack_index)
+        return CaptionTokens(tokens, key_mask, pack_index)
+
+    @contextmanager
+    def caption_cache(self):
+        """Within this context, a forward that gets the very caption tensor and mask of an earlier one (the
+        same objects, not modified in place since) reuses that forward's caption work: mask checks and
+        trimming, the caption projection and every block's cross-attention keys and values. Samplers call
+        the model 20-100 times with one caption batch; `Sampler.sample` uses this. Only no-grad, eval-mode
+        forwards without forced caption dropout are cached, and only while the caption weights are the
+        ones the entry was computed with; the cache is dropped on exit."""
+        previous = self._caption_cache
+        self._caption_cache = []
+        try:
+            yield self
+        finally:
+            self._caption_cache = previous
+
+    _caption_cache = None  # a list of cache entries inside `caption_cache()`, else None
+    CAPTION_CACHE_ENTRIES = 4  # [uncond; cond] batches of a few sampling runs
+
+    def _caption_cache_key(self, y, mask, batch_size, force_drop_ids):
+        """What must be unchanged for a cached entry to hold, or None when this forward is not cacheable."""
+        if (self._caption_cache is None or self.training or torch.is_grad_enabled() or force_drop_ids is not None
+                or torch.compiler.is_compiling()):
+            return None
+        weights = [self.y_embedder.y_proj, *(block.cross_attn.kv_linear for block in self.blocks)]
+        return (y._version, None if mask is None else getattr(mask, "_version", None), batch_size, self.dtype,
+                tuple((p.data_ptr(), p._version) for module in weights for p in module.parameters()))
+
+    def _cached_captions(self, y, mask, batch_size, force_drop_ids):
+        key = self._caption_cache_key(y, mask, batch_size, force_drop_ids)
+        if key is None:
+            return None
+        for entry_y, entry_mask, entry_key, captions in self._caption_cache:
+            if entry_y is y and entry_mask is mask and entry_key == key:
+                return captions
+        return None
+
+    def _cache_captions(self, y, mask, batch_size, force_drop_ids, captions):
+        key = self._caption_cache_key(y, mask, batch_size, force_drop_ids)
+        if key is None:
+            return
+        kv = [block.cross_attn.keys_values(captions.tokens, captions.key_mask, captions.pack_index)
+              for block in self.blocks]
+        # The entry holds y and mask themselves, so their ids cannot be reused by other tensors while cached.
+        self._caption_cache.append((y, mask, key, captions._replace(kv=kv)))
+        del self._caption_cache[:-self.CAPTION_CACHE_ENTRIES]
 
     def forward_with_dpmsolver(self, x, timestep, y, mask=None, **kwargs):
         """The eps part of the output only, as DPM-Solver and SA-Solver expect."""
@@ -214,17 +280,17 @@ class PixArt(nn.Module):
             raise ValueError(f"caption mask rows {empty} keep no token; every caption needs at least one")
         return mask
 
-    def _run_blocks(self, x, y, t0, key_mask):
+    def _run_blocks(self, x, captions, t0):
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         # Compiled blocks run on CUDA only: on the CPU inductor's code rounds differently for different batch
         # layouts (a sample would depend on its batch-mates), and compiling costs more than it saves there.
         eager = self.compile_blocks and not x.is_cuda
+        tokens, key_mask, pack_index, kv = captions
         for start in range(0, len(self.blocks), self.gc_step):
             segment = self.blocks[start:start + self.gc_step]
-            if use_ckpt:
-                x = checkpoint(_run_segment, segment, x, y, t0, key_mask, eager, use_reentrant=False)
-            else:
-                x = _run_segment(segment, x, y, t0, key_mask, eager)
+            segment_kv = None if kv is None else kv[start:start + self.gc_step]
+            args = (segment, x, tokens, t0, key_mask, pack_index, segment_kv, eager)
+            x = checkpoint(_run_segment, *args, use_reentrant=False) if use_ckpt else _run_segment(*args)
         return x
 
     def unpatchify(self, x, h=None, w=None):
@@ -247,11 +313,21 @@ def trim_caption_padding(key_mask):
     return (None if bool(columns[1, :length].all()) else key_mask), length
 
 
-def _run_segment(blocks, x, y, t0, key_mask, force_eager=False):
+class CaptionTokens(NamedTuple):
+    """The caption side of a forward as the blocks take it: `tokens` projected (B, L, D), or packed (T, D)
+    when `pack_index` is given (`pack_caption_tokens`); `key_mask` (B, L) bool, or None when every token is
+    kept; `kv` one `keys_values` tensor per block when computed beforehand (the sampling cache), else None."""
+    tokens: torch.Tensor
+    key_mask: Optional[torch.Tensor]
+    pack_index: Optional[torch.Tensor]
+    kv: Optional[List[torch.Tensor]] = None
+
+
+def _run_segment(blocks, x, y, t0, key_mask, pack_index, kv, force_eager=False):
     # The stance is set in here so that checkpoint recomputation runs the same (eager or compiled) code.
     with torch.compiler.set_stance("force_eager") if force_eager else nullcontext():
-        for block in blocks:
-            x = block(x, y, t0, key_mask)
+        for i, block in enumerate(blocks):
+            x = block(x, y, t0, key_mask, pack_index, None if kv is None else kv[i])
     return x
 
 

@@ -71,7 +71,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # Contiguous tokens: the transposed view would hand its column-major layout to every residual add
+        # after it, and then each LayerNorm and Linear of every block copies its input (measured on the CPU).
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -156,8 +158,12 @@ class CaptionEmbedder(nn.Module):
         null = self.y_embedding.to(caption.dtype)
         return torch.where(drop[:, None, None], null, caption)
 
-    def forward(self, caption, train, force_drop_ids=None, length=None):
-        """`length`: project only the first `length` tokens (after dropout, which needs whole captions)."""
+    def forward(self, caption, train, force_drop_ids=None, length=None, pack_index=None):
+        """(B, L, D) projected tokens, or (T, D) with `pack_index`.
+
+        `length`: project only the first `length` tokens (after dropout, which needs whole captions);
+        `pack_index` (T,): project only these tokens of the (B, length) grid, given as flat positions
+        b * length + l (see `pack_caption_tokens`)."""
         if caption.ndim == 4:
             caption = caption.squeeze(1)
         if (train and self.uncond_prob > 0) or force_drop_ids is not None:
@@ -168,7 +174,16 @@ class CaptionEmbedder(nn.Module):
             caption = self.token_drop(caption, force_drop_ids)
         if length is not None:
             caption = caption[:, :length]
+        if pack_index is not None:
+            caption = caption.reshape(-1, caption.shape[-1]).index_select(0, pack_index)
         return self.y_proj(caption)
+
+
+def pack_caption_tokens(key_mask):
+    """Flat positions b * L + l of the kept tokens of a (B, L) key mask, in order: the index that packs the
+    captions' kept tokens into one (T, D) sequence (`CaptionEmbedder`) and scatters their keys and values
+    back into the (B, L) grid (`MultiHeadCrossAttention.keys_values`). Costs one host sync on a GPU."""
+    return key_mask.reshape(-1).nonzero().squeeze(1)
 
 
 def _repeat_to_batch(t, batch_size, what):
@@ -238,11 +253,25 @@ class MultiHeadCrossAttention(nn.Module):
         self.kv_linear = nn.Linear(dim, dim * 2)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, cond, key_mask=None):
-        """x (B, N, D), cond (B, L, D), key_mask (B, L) bool of kept caption tokens or None (all kept)."""
+    def keys_values(self, cond, key_mask=None, pack_index=None):
+        """Packed keys|values (B, L, 2D) of caption tokens cond (B, L, D); or of packed tokens cond (T, D) with
+        their `pack_index` and the (B, L) `key_mask`, scattered into the grid with zeros at the padding
+        (masked keys: their values never count)."""
+        kv = self.kv_linear(cond)
+        if pack_index is None:
+            return kv
+        B, L = key_mask.shape
+        return kv.new_zeros(B * L, kv.shape[-1]).index_copy(0, pack_index, kv).view(B, L, -1)
+
+    def forward(self, x, cond, key_mask=None, pack_index=None, kv=None):
+        """x (B, N, D); cond (B, L, D), or packed (T, D) with `pack_index` (see `keys_values`); key_mask (B, L)
+        bool of kept caption tokens or None (all kept); kv: this block's `keys_values` when computed
+        beforehand (then cond is not read)."""
         B, N, C = x.shape
         q = _heads(self.q_linear(x), self.num_heads)
-        k, v = (_heads(t, self.num_heads) for t in self.kv_linear(cond).split(C, dim=-1))
+        if kv is None:
+            kv = self.keys_values(cond, key_mask, pack_index)
+        k, v = (_heads(t, self.num_heads) for t in kv.split(C, dim=-1))
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
         out = _attention(q, k, v, attn_mask, self.fp32_attention)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
@@ -280,13 +309,14 @@ class PixArtBlock(nn.Module):
         self.fused_modulation = fused_modulation
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size ** 0.5)
 
-    def forward(self, x, y, t0, key_mask=None):
+    def forward(self, x, y, t0, key_mask=None, pack_index=None, kv=None):
+        """y, key_mask, pack_index, kv: the caption tokens as `MultiHeadCrossAttention.forward` takes them."""
         B = x.shape[0]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t0.reshape(B, 6, -1)).chunk(6, dim=1)
         fused = self.fused_modulation
         x = self._residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa, fused)))
-        x = x + self.cross_attn(x, y, key_mask)  # no norm and no modulation before cross-attention
+        x = x + self.cross_attn(x, y, key_mask, pack_index, kv)  # no norm and no modulation before cross-attention
         x = self._residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp, fused)))
         return x
 
