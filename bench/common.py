@@ -109,7 +109,7 @@ def build_ours(args):
 
 
 # Our constructor options that switch every optional speed-up off (for --baseline and --with-baseline).
-BASELINE_OPTIONS = dict(trim_captions=False, fused_modulation=False, compile=False)
+BASELINE_OPTIONS = dict(trim_captions=False, pack_captions=False, fused_modulation=False, compile=False)
 BASELINE_NAME = "ours, options off"
 
 

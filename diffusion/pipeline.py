@@ -157,32 +157,36 @@ class Sampler:
         # guided solvers run one [uncond; cond] batch; at scale 1 they run the prompts alone, with their masks
         guided_mask = torch.cat([uncond_mask.to(self.device), mask]) if cfg_scale != 1.0 else mask
         model_kwargs = dict(data_info=data_info, mask=guided_mask)
-        callback = _StepCounter(progress, steps)
-        if sampler == "dpm-solver":
-            solver = DPMS(callback.wrap(self.model.forward_with_dpmsolver), features, uncond, cfg_scale, model_kwargs)
-            latents = solver.sample(noise, steps=steps, order=2, skip_type="time_uniform", method="multistep",
-                                    progress=False)
-        elif sampler == "sa-solver":
-            solver = SASolverSampler(callback.wrap(self.model.forward_with_dpmsolver), device=self.device)
-            latents = solver.sample(steps, B, noise.shape[1:], conditioning=features,
-                                    unconditional_conditioning=uncond, unconditional_guidance_scale=cfg_scale,
-                                    model_kwargs=model_kwargs, x_T=noise, generator=[int(s) for s in seeds],
-                                    progress=False)[0]
-        elif sampler == "iddpm":
-            diffusion = IDDPM(str(steps))
-            # forward_with_cfg takes [cond; uncond] captions and masks
-            kwargs = dict(y=torch.cat([features, uncond]), cfg_scale=cfg_scale, cfg_compat=cfg_compat,
-                          data_info={k: torch.cat([v, v]) for k, v in data_info.items()},
-                          mask=torch.cat([mask, uncond_mask.to(self.device)]))
-            latents = diffusion.p_sample_loop(callback.wrap(self.model.forward_with_cfg), (2 * B, *noise.shape[1:]),
-                                              torch.cat([noise, noise]), clip_denoised=False, model_kwargs=kwargs,
-                                              device=self.device, progress=False,
-                                              generator=[int(s) for s in seeds] * 2)[:B]
-        else:
-            scheduler = LCMScheduler()
-            model_fn = callback.wrap(self.model)
-            latents = scheduler.sample(model_fn, noise, steps, dict(y=features, mask=mask, data_info=data_info),
-                                       generator=[int(s) for s in seeds], progress=False)
+        # Every step reuses the caption projection and the blocks' keys and values.
+        with self.model.caption_cache():
+            callback = _StepCounter(progress, steps)
+            if sampler == "dpm-solver":
+                solver = DPMS(callback.wrap(self.model.forward_with_dpmsolver), features, uncond, cfg_scale,
+                              model_kwargs)
+                latents = solver.sample(noise, steps=steps, order=2, skip_type="time_uniform", method="multistep",
+                                        progress=False)
+            elif sampler == "sa-solver":
+                solver = SASolverSampler(callback.wrap(self.model.forward_with_dpmsolver), device=self.device)
+                latents = solver.sample(steps, B, noise.shape[1:], conditioning=features,
+                                        unconditional_conditioning=uncond, unconditional_guidance_scale=cfg_scale,
+                                        model_kwargs=model_kwargs, x_T=noise, generator=[int(s) for s in seeds],
+                                        progress=False)[0]
+            elif sampler == "iddpm":
+                diffusion = IDDPM(str(steps))
+                # forward_with_cfg takes [cond; uncond] captions and masks
+                kwargs = dict(y=torch.cat([features, uncond]), cfg_scale=cfg_scale, cfg_compat=cfg_compat,
+                              data_info={k: torch.cat([v, v]) for k, v in data_info.items()},
+                              mask=torch.cat([mask, uncond_mask.to(self.device)]))
+                latents = diffusion.p_sample_loop(
+                    callback.wrap(self.model.forward_with_cfg), (2 * B, *noise.shape[1:]), torch.cat([noise, noise]),
+                    clip_denoised=False, model_kwargs=kwargs, device=self.device, progress=False,
+                    generator=[int(s) for s in seeds] * 2)[:B]
+            else:
+                scheduler = LCMScheduler()
+                model_fn = callback.wrap(self.model)
+                latents = scheduler.sample(model_fn, noise, steps,
+                                           dict(y=features, mask=mask, data_info=data_info),
+                                           generator=[int(s) for s in seeds], progress=False)
         images = self.vae.decode(latents.to(self.vae.dtype) / self.scale_factor).sample
         return ((images.float() + 1) / 2).clamp(0, 1)
 

@@ -94,3 +94,29 @@ def test_guidance_scale_one_samples_the_prompts_alone(tiny_pipeline, algo):
     torch.testing.assert_close(plain, other_null, rtol=0, atol=1e-5)
     guided = sampler.sample(features, mask, 64, 64, [1, 2], algo, 3, cfg_scale=3.0)
     assert (guided - plain).abs().max() > 1e-6  # the random tiny model reads captions only weakly
+
+
+@pytest.mark.parametrize("algo", ["dpm-solver", "sa-solver", "iddpm", "lcm"])
+def test_sampler_projects_the_captions_once_and_samples_as_without_the_cache(tiny_pipeline, algo, monkeypatch):
+    """`Sampler.sample` runs inside the model's caption cache: one caption projection per call, same images."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from diffusion.model.t5 import T5Embedder
+    from diffusion.pipeline import Sampler, load_transformer, load_vae
+    from diffusion.utils.config import load_config
+
+    root, config = tiny_pipeline
+    features, mask = T5Embedder(root / "t5", model_max_length=48).get_text_embeddings(
+        ["a small red circle on a gray background", "a large blue square at the top left on a white background"])
+    model = load_transformer(root / "model.pth", config=load_config(config))
+    sampler = Sampler(model, load_vae(root / "vae"), scale_factor=1.0)
+    projections = []
+    model.y_embedder.y_proj.register_forward_hook(lambda *_: projections.append(1))
+    cached = sampler.sample(features, mask, 64, 64, [1, 2], algo, 4, cfg_scale=3.0)
+    assert len(projections) == 1
+    monkeypatch.setattr(model, "caption_cache", nullcontext)
+    plain = sampler.sample(features, mask, 64, 64, [1, 2], algo, 4, cfg_scale=3.0)
+    assert len(projections) > 4  # one per model evaluation without the cache
+    torch.testing.assert_close(cached, plain, rtol=0, atol=1e-6)

@@ -128,6 +128,16 @@ def model_wrapper(model: Callable, noise_schedule: NoiseScheduleVP, condition=No
     null caption is read with the prompt's mask. `condition=None` calls `model(x, timestep, **kwargs)`.
     """
     model_kwargs = model_kwargs or {}
+    guided_inputs = {}  # the [uncond; cond] captions and doubled kwargs, built once per batch size
+
+    def guided(batch: int):
+        # One tensor object for every step: `PixArt.caption_cache()` recognises the captions by identity.
+        if batch not in guided_inputs:
+            uncond = uncondition
+            if uncond.shape[0] == 1 and condition.shape[0] > 1:
+                uncond = uncond.expand(condition.shape[0], *uncond.shape[1:])
+            guided_inputs[batch] = torch.cat([uncond, condition]), _repeat_batch(model_kwargs, batch)
+        return guided_inputs[batch]
 
     def noise_fn(x: torch.Tensor, t: float) -> torch.Tensor:
         # Timesteps stay float32 (or float64) even for a half-precision x: rounding 949.05 to fp16 gives 949.
@@ -137,12 +147,8 @@ def model_wrapper(model: Callable, noise_schedule: NoiseScheduleVP, condition=No
             return model(x, t_input, **model_kwargs)
         if uncondition is None or guidance_scale == 1.0:
             return model(x, t_input, condition, **model_kwargs)
-        uncond = uncondition
-        if uncond.shape[0] == 1 and condition.shape[0] > 1:
-            uncond = uncond.expand(condition.shape[0], *uncond.shape[1:])
-        kwargs = _repeat_batch(model_kwargs, x.shape[0])
-        eps_uncond, eps_cond = model(torch.cat([x, x]), torch.cat([t_input, t_input]),
-                                     torch.cat([uncond, condition]), **kwargs).chunk(2)
+        captions, kwargs = guided(x.shape[0])
+        eps_uncond, eps_cond = model(torch.cat([x, x]), torch.cat([t_input, t_input]), captions, **kwargs).chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
     return noise_fn
