@@ -180,6 +180,13 @@ def test_caption_cache_recomputes_after_captions_masks_or_weights_change():
         # A caption tensor with equal values but another identity is not taken for the cached one.
         model(x, t, y.clone(), mask)
         assert len(calls) == before + 1
+        # A mask given as a list could change without a version counter: such forwards are never cached.
+        listed = mask.tolist()
+        model(x, t, y, listed)
+        listed[1][3:] = [0] * (len(listed[1]) - 3)
+        out = model(x, t, y, listed)
+        assert len(calls) == before + 3
+        torch.testing.assert_close(out, uncached(model, x, t, y, torch.tensor(listed)), rtol=0, atol=0)
 
 
 def test_caption_cache_leaves_training_gradients_and_forced_dropout_alone():

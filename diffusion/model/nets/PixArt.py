@@ -138,10 +138,12 @@ class PixArt(nn.Module):
         t = self.t_embedder(self._timesteps(timestep, B, x.device))
         t = self.add_micro_conditions(t, data_info, B)
         t0 = self.t_block(t)
-        captions = self._cached_captions(y, mask, B, force_drop_ids)
+        cache_key = self._caption_cache_key(y, mask, B, force_drop_ids)
+        captions = self._cached_captions(y, mask, cache_key)
         if captions is None:
             captions = self.embed_captions(y.to(dtype), mask, B, force_drop_ids)
-            self._cache_captions(y, mask, B, force_drop_ids, captions)
+            if cache_key is not None:
+                captions = self._cache_captions(y, mask, cache_key, captions)
         x = self._run_blocks(x, captions, t0)
         x = self.final_layer(x, t)
         return self.unpatchify(x, h, w)
@@ -181,14 +183,14 @@ class PixArt(nn.Module):
     def _caption_cache_key(self, y, mask, batch_size, force_drop_ids):
         """What must be unchanged for a cached entry to hold, or None when this forward is not cacheable."""
         if (self._caption_cache is None or self.training or torch.is_grad_enabled() or force_drop_ids is not None
-                or torch.compiler.is_compiling()):
+                or torch.compiler.is_compiling() or not torch.is_tensor(y)
+                or not (mask is None or torch.is_tensor(mask))):  # a list mask could change unseen
             return None
         weights = [self.y_embedder.y_proj, *(block.cross_attn.kv_linear for block in self.blocks)]
-        return (y._version, None if mask is None else getattr(mask, "_version", None), batch_size, self.dtype,
+        return (y._version, None if mask is None else mask._version, batch_size, self.dtype,
                 tuple((p.data_ptr(), p._version) for module in weights for p in module.parameters()))
 
-    def _cached_captions(self, y, mask, batch_size, force_drop_ids):
-        key = self._caption_cache_key(y, mask, batch_size, force_drop_ids)
+    def _cached_captions(self, y, mask, key):
         if key is None:
             return None
         for entry_y, entry_mask, entry_key, captions in self._caption_cache:
@@ -196,15 +198,15 @@ class PixArt(nn.Module):
                 return captions
         return None
 
-    def _cache_captions(self, y, mask, batch_size, force_drop_ids, captions):
-        key = self._caption_cache_key(y, mask, batch_size, force_drop_ids)
-        if key is None:
-            return
+    def _cache_captions(self, y, mask, key, captions):
+        """Adds every block's keys and values to `captions`, stores them and returns them for this forward."""
         kv = [block.cross_attn.keys_values(captions.tokens, captions.key_mask, captions.pack_index)
               for block in self.blocks]
+        captions = captions._replace(kv=kv)
         # The entry holds y and mask themselves, so their ids cannot be reused by other tensors while cached.
-        self._caption_cache.append((y, mask, key, captions._replace(kv=kv)))
+        self._caption_cache.append((y, mask, key, captions))
         del self._caption_cache[:-self.CAPTION_CACHE_ENTRIES]
+        return captions
 
     def forward_with_dpmsolver(self, x, timestep, y, mask=None, **kwargs):
         """The eps part of the output only, as DPM-Solver and SA-Solver expect."""
