@@ -90,6 +90,32 @@ def test_items_are_deterministic(extracted):
         assert torch.equal(a, b)
 
 
+def test_cached_items_are_read_once_and_equal_the_uncached_ones(extracted):
+    plain, cached = internal(extracted), internal(extracted, cache_items=True)
+    first = [cached[i] for i in range(len(cached))]
+    for record in cached.records:  # later reads come from memory: the files are no longer needed
+        paths.caption_feature_path(extracted, record.path).unlink()
+        paths.vae_feature_path(extracted, record.path, 64).unlink()
+    for i, item in enumerate(first):
+        again = cached[i]
+        for a, b in zip(item[:3], again[:3]):
+            assert torch.equal(a, b)
+        again[3]['index'] = -1  # a caller editing its data_info does not edit the cache
+        assert cached[i][3]['index'] == i
+    with pytest.raises(BadRecordError, match='missing'):
+        plain[0]
+
+
+def test_cache_items_keeps_no_bad_record(extracted):
+    missing = paths.vae_feature_path(extracted, 'set/img1.png', 64)
+    content = missing.read_bytes()
+    missing.unlink()
+    dataset = internal(extracted, cache_items=True, skip_bad_records=True)
+    assert isinstance(dataset[1], BadRecord)
+    missing.write_bytes(content)  # repaired: the next read loads it
+    assert torch.is_tensor(dataset[1][0]) and 1 in dataset.cached_items
+
+
 def test_multi_scale_dataset_uses_buckets_and_batches_one_bucket(tmp_path, vae):
     root = make_dataset(tmp_path / 'ds')
     table = aspect_ratio_table('ASPECT_RATIO_256')
