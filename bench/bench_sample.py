@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 import torch
 
-from common import (BASELINE_NAME, DTYPES, PRESETS, alternate, build_baseline, build_ours, build_theirs,
-                    caption_batch, common_parser, diffusers_call, environment, fmt, gib, max_rel_error, median,
-                    micro_conditions, paired_ratio, peak_memory, print_table, resident_bytes, resolve, write_json)
+from common import (BASELINE_NAME, DTYPES, MAX_CAPTION_TOKENS, PRESETS, alternate, build_baseline, build_ours,
+                    build_theirs, caption_batch, common_parser, diffusers_call, environment, fmt, gib, max_rel_error,
+                    median, micro_conditions, paired_ratio, peak_memory, print_table, resident_bytes, resolve,
+                    write_json)
 from diffusion import DPMS
 
 CFG_SCALE = 4.5
@@ -53,12 +54,13 @@ def encoders(args):
     from diffusers import AutoencoderKL
 
     from diffusion.model.t5 import T5Embedder
-    t5 = T5Embedder(args.t5, device=args.device, torch_dtype=args.dtype)
-    vae = AutoencoderKL.from_pretrained(args.vae).to(args.device, DTYPES[args.dtype]).eval()
+    t5 = T5Embedder(args.t5, device=args.device, torch_dtype=args.dtype, model_max_length=MAX_CAPTION_TOKENS)
+    vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=DTYPES[args.dtype]).to(args.device).eval()
+    scale = vae.config.scaling_factor  # 0.18215 for sd-vae-ft-ema
 
     def decode(latents):
         with torch.no_grad():
-            return vae.decode((latents / 0.18215).to(vae.dtype)).sample
+            return vae.decode((latents / scale).to(vae.dtype)).sample
     return t5.get_text_embeddings, decode
 
 
@@ -72,7 +74,7 @@ def run(args):
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     latent = args.size // 8
     z = torch.randn(batch, 4, latent, latent, generator=gen, device=args.device)
-    y, mask = caption_batch(batch, args.caption_len, args.device, dtype, gen)
+    y, mask = caption_batch(batch, args.caption_len, args.device, dtype, gen, args.caption_channels)
     mask[:] = mask[0]  # every prompt of the batch as long as --caption-len
     info = micro_conditions(args, batch)
     null = ours.y_embedder.y_embedding[None].to(dtype)

@@ -9,6 +9,7 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,18 @@ def resolve(args):
         torch.set_num_threads(args.threads)
     if not 1 <= args.caption_len <= MAX_CAPTION_TOKENS:
         raise SystemExit(f"--caption-len must be in 1..{MAX_CAPTION_TOKENS}, got {args.caption_len}")
+    args.caption_channels = t5_width(args.t5) if getattr(args, "t5", None) else CAPTION_CHANNELS
     return args
+
+
+def t5_width(t5_dir):
+    """Feature width (d_model) of a local T5 folder: 4096 for t5-v1_1-xxl, 128 for the toy T5."""
+    config = Path(t5_dir) / "config.json"
+    try:
+        return int(json.loads(config.read_text())["d_model"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"--t5 {t5_dir}: cannot read d_model from {config} ({err}); expected a local T5 "
+                         f"encoder folder such as t5-v1_1-xxl") from err
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -95,7 +107,7 @@ def _construct(args, options):
     cls = PixArtMS if args.size >= 1024 else PixArt
     with torch.device(args.device):
         return cls(input_size=args.size // 8, lewei_scale=2.0 if args.size >= 1024 else 1.0,
-                   caption_channels=CAPTION_CHANNELS, model_max_length=MAX_CAPTION_TOKENS,
+                   caption_channels=args.caption_channels, model_max_length=MAX_CAPTION_TOKENS,
                    grad_checkpointing=args.grad_ckpt, **args.shape, **options)
 
 
@@ -153,10 +165,10 @@ def diffusers_version():
 
 # ------------------------------------------------------------------------------------------- inputs
 
-def caption_batch(batch, caption_len, device, dtype, gen):
-    """T5-shaped caption features (B, 120, 4096) and a padded mask: sample 0 keeps `caption_len` tokens,
+def caption_batch(batch, caption_len, device, dtype, gen, channels=CAPTION_CHANNELS):
+    """T5-shaped caption features (B, 120, channels) and a padded mask: sample 0 keeps `caption_len` tokens,
     the others between a quarter of that and all of it, like real captions of varying length."""
-    y = torch.randn(batch, MAX_CAPTION_TOKENS, CAPTION_CHANNELS, generator=gen, device=device) * 0.5
+    y = torch.randn(batch, MAX_CAPTION_TOKENS, channels, generator=gen, device=device) * 0.5
     lengths = torch.randint(max(1, caption_len // 4), caption_len + 1, (batch,), generator=gen, device=device)
     lengths[0] = caption_len
     mask = (torch.arange(MAX_CAPTION_TOKENS, device=device)[None] < lengths[:, None]).long()
@@ -227,7 +239,7 @@ def forward_flops(model, args, batch=1):
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     latent = args.size // 8
     x = torch.randn(batch, 4, latent, latent, generator=gen, device=args.device).to(DTYPES[args.dtype])
-    y, _ = caption_batch(batch, MAX_CAPTION_TOKENS, args.device, DTYPES[args.dtype], gen)
+    y, _ = caption_batch(batch, MAX_CAPTION_TOKENS, args.device, DTYPES[args.dtype], gen, args.caption_channels)
     t = torch.full((batch,), 500.0, device=args.device)
     # Eager even for a compiled model: no compile for this one-off shape, none under the counting mode.
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), torch.compiler.set_stance("force_eager"), \
