@@ -29,6 +29,7 @@ aspect_ratio_type = None  # bucket table for multi-scale training, e.g. 'ASPECT_
 multi_scale = False  # train on aspect-ratio buckets (needs a PixArtMS model and an MS dataset)
 lewei_scale = 1.0  # position-embedding scale: 1.0 at 256 and 512 px, 2.0 at 1024 px
 fp32_attention = False  # compute attention in fp32 under mixed precision
+compile = False  # torch.compile every transformer block (CUDA; the CPU runs them eagerly): bench/README.md
 window_block_indexes = []  # released key, never applied by the reference: accepted, unused
 window_size = 0  # released key, never applied by the reference: accepted, unused
 use_rel_pos = False  # released key, never applied by the reference: accepted, unused

@@ -225,3 +225,13 @@ def test_a_dict_option_can_be_switched_off_with_none(tmp_path):
     assert load_config(child).auto_lr is None
     with pytest.raises(ConfigError, match="'train_batch_size'"):
         load_config(BASE, {'train_batch_size': None})
+
+
+def test_compile_key_reaches_the_model_and_model_kwargs_may_not_repeat_it():
+    from diffusion.model.builder import model_kwargs_from_config
+    cfg = load_config(RELEASED / 'PixArt_toy_shapes.py')
+    assert cfg.compile is False and model_kwargs_from_config(cfg)['compile'] is False
+    compiled = cfg.with_overrides({'compile': True})
+    assert model_kwargs_from_config(compiled)['compile'] is True
+    with pytest.raises(ValueError, match=r"model_kwargs repeats \['compile'\]"):
+        model_kwargs_from_config(cfg.with_overrides({'model_kwargs': dict(cfg.model_kwargs, compile=True)}))

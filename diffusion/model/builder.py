@@ -68,6 +68,7 @@ def model_kwargs_from_config(cfg):
         window_block_indexes=list(cfg.window_block_indexes),
         window_size=cfg.window_size,
         use_rel_pos=cfg.use_rel_pos,
+        compile=cfg.get("compile", False),
     )
     extra = dict(cfg.model_kwargs)
     clash = set(extra) & set(kwargs)
