@@ -10,7 +10,9 @@ from diffusion.model.nets.PixArt_blocks import get_2d_sincos_pos_embed
 from diffusion.utils.config import load_config
 from tests.conftest import REPO, SHARED_REF
 
-MANIFESTS = sorted(SHARED_REF.glob("manifest_*.json"))
+# the plain models' manifests; the ControlNet wrappers' (manifest_Control*.json, keyed by "wrapper_class") describe
+# a model this codebase does not have yet (issue 16 adds it and their tests)
+MANIFESTS = sorted(p for p in SHARED_REF.glob("manifest_*.json") if not p.stem.startswith("manifest_Control"))
 CLASSES = {"PixArt": PixArt, "PixArtMS": PixArtMS}
 
 
@@ -24,7 +26,8 @@ def meta_model(manifest):
 
 
 def test_manifests_are_present():
-    assert len(MANIFESTS) == 3, f"expected three manifests in {SHARED_REF}"
+    assert [p.stem for p in MANIFESTS] == ["manifest_PixArtMS_XL_2_1024", "manifest_PixArt_XL_2_256",
+                                           "manifest_PixArt_XL_2_512"], f"expected three model manifests in {SHARED_REF}"
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.stem)
