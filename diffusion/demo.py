@@ -34,8 +34,17 @@ def apply_style(style, prompt, negative):
     return template.replace("{prompt}", prompt), ", ".join(p for p in (negative, style_negative) if p)
 
 
-def build_demo(sampler, text_encoder, title="PixArt-α"):
-    """A gr.Blocks app sampling with `sampler` (a diffusion.pipeline.Sampler) and `text_encoder` (T5Embedder)."""
+# small images are enlarged without smoothing, so their shapes are judged as they are
+PIXELATED_CSS = "#gallery img { image-rendering: pixelated; image-rendering: crisp-edges; }"
+
+
+def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None, default_sampler="DPM-Solver",
+               default_guidance=4.5):
+    """A gr.Blocks app sampling with `sampler` (a diffusion.pipeline.Sampler) and `text_encoder` (T5Embedder).
+    examples: prompts offered as clickable examples; note: markdown shown under the title (e.g. the only vocabulary a
+    toy model knows); default_sampler: a SAMPLER_CHOICES label."""
+    if default_sampler not in SAMPLER_CHOICES:
+        raise ValueError(f"default_sampler must be one of {list(SAMPLER_CHOICES)}, got {default_sampler!r}")
     sizes = size_choices(sampler.image_size, sampler.multi_scale)
     default_size = f"{sampler.image_size} x {sampler.image_size}"
 
@@ -81,17 +90,20 @@ def build_demo(sampler, text_encoder, title="PixArt-α"):
         pictures = [_to_pil(image) for image in images]
         return pictures, seed, f"Generated {count} image(s) of {height} x {width} with seed {seed}."
 
-    with gr.Blocks(title=title) as demo:
+    with gr.Blocks(title=title, css=PIXELATED_CSS) as demo:
         gr.Markdown(f"# {title}\nText-to-image with a PixArt diffusion transformer "
                     f"({type(sampler.model).__name__}, {sampler.image_size} px).")
+        if note:
+            gr.Markdown(note, elem_id="vocabulary")
         with gr.Row():
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
                 style = gr.Dropdown(list(STYLES), value="(no style)", label="Style")
-                sampler_label = gr.Radio(list(SAMPLER_CHOICES), value="DPM-Solver", label="Sampler")
-                steps = gr.Slider(5, 250, value=DEFAULT_STEPS["dpm-solver"], step=1, label="Steps")
-                guidance = gr.Slider(1.0, 15.0, value=4.5, step=0.1, label="Guidance scale")
+                sampler_label = gr.Radio(list(SAMPLER_CHOICES), value=default_sampler, label="Sampler")
+                steps = gr.Slider(5, 250, value=DEFAULT_STEPS[SAMPLER_CHOICES[default_sampler]], step=1,
+                                  label="Steps")
+                guidance = gr.Slider(1.0, 15.0, value=default_guidance, step=0.1, label="Guidance scale")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed")
                     randomize = gr.Checkbox(value=True, label="Randomize seed")
@@ -99,6 +111,9 @@ def build_demo(sampler, text_encoder, title="PixArt-α"):
                                    label="Height x width")
                 count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
+                if examples:
+                    gr.Examples([[example] for example in examples], [prompt], label="Example prompts (click one)",
+                                elem_id="examples")
             with gr.Column():
                 gallery = gr.Gallery(label="Images", elem_id="gallery", columns=2)
                 status = gr.Markdown(elem_id="status")

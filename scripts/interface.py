@@ -70,17 +70,31 @@ def build(args):
                               model_max_length=cfg.model_max_length if cfg else 120)
     sampler = Sampler(model, load_vae(vae_path, args.device), scale_factor=cfg.scale_factor if cfg else 0.18215,
                       device=args.device, dtype=DTYPES[args.dtype])
-    return sampler, text_encoder, model_path
+    return sampler, text_encoder, model_path, toy_demo_options(cfg)
+
+
+def toy_demo_options(cfg):
+    """build_demo options for a model trained on a toy-shapes dataset (its folder holds the toy manifest): example
+    prompts, held-out pairs among them, the one grammar it knows, and the quickstart's sampler and guidance."""
+    from diffusion.data.toy_shapes import MANIFEST, example_prompts, vocabulary_note
+    dataset = Path(cfg.data_root) / cfg.data.root if cfg is not None else None
+    if dataset is None or not (dataset / MANIFEST).is_file():
+        return {}
+    prompts, held_out = example_prompts(dataset)
+    pairs = ", ".join(f"{colour} {kind}" for colour, kind in held_out)
+    note = (f"{vocabulary_note()}\n\nThe last {len(prompts) // 2} examples name colour-kind pairs no training "
+            f"image has ({pairs}). Images are {cfg.image_size} px, shown enlarged without smoothing.")
+    return dict(examples=prompts, note=note, default_sampler="IDDPM", default_guidance=cfg.cfg_scale)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        sampler, text_encoder, model_path = build(args)
+        sampler, text_encoder, model_path, demo_options = build(args)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     from diffusion.demo import build_demo
-    demo = build_demo(sampler, text_encoder, title=f"PixArt-α demo ({Path(model_path).name})")
+    demo = build_demo(sampler, text_encoder, title=f"PixArt-α demo ({Path(model_path).name})", **demo_options)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     print(f"serving {model_path} on http://{args.host}:{args.port}", flush=True)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)

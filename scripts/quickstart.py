@@ -1,12 +1,16 @@
 """The project's main job on its embedded default: train a small PixArt on the toy-shapes recipe and sample it.
 
   python scripts/quickstart.py
+  python scripts/quickstart.py --seed 1 --out output/quickstart_seed1     # another training seed
 
-Builds what is missing (toy dataset, tiny T5 and VAE, features), trains configs/pixart_config/PixArt_toy_shapes.py
-for a fixed number of steps, samples held-out prompts (validation scenes, and scenes with colour-shape pairs no
-training image has), and writes output/quickstart/samples.png (a labelled grid) and output/quickstart/metrics.json
-(alignment accuracies measured by reading the shapes back out of the images). Re-running reuses every finished
-stage (training resumes from its newest checkpoint).
+Renders the toy dataset, extracts its features with the shipped tiny T5 and VAE (pretrained/toy; rebuilt by
+tools/build_toy_encoders.py only where the config names missing folders), trains
+configs/pixart_config/PixArt_toy_shapes.py for the config's max_steps, samples held-out prompts (validation scenes,
+and scenes with colour-shape pairs no training image has), and writes output/quickstart/samples.png (a labelled grid)
+and output/quickstart/metrics.json (alignment accuracies measured by reading the shapes back out of the images).
+Every stage runs on exactly --threads CPU threads with deterministic algorithms, so a given seed and thread count
+give the same figures and images however busy the machine is. Re-running reuses every finished stage (training
+resumes from its newest checkpoint).
 """
 import sys
 from pathlib import Path
@@ -25,25 +29,40 @@ CONFIG = "configs/pixart_config/PixArt_toy_shapes.py"
 OUT = Path("output/quickstart")
 SEED_STRIDE = 1000  # sampling seeds: validation prompts 0, 1, ...; unseen prompts 1000, 1001, ...
 GRID_COLUMNS = 8
+SAMPLERS = ("iddpm", "dpm-solver", "sa-solver")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps (default: the config's max_steps, 2500)")
-    parser.add_argument("--num-prompts", type=int, default=64,
+                        help="training steps (default: the config's max_steps, 5000)")
+    parser.add_argument("--seed", type=int, default=None, help="training seed (default: the config's, 0)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of every stage (default 2: the README's figures; results are bitwise "
+                             "reproducible for a fixed thread count, not across counts)")
+    parser.add_argument("--num-prompts", type=int, default=128,
                         help="held-out prompts sampled and scored, half validation, half unseen pairs; the grid "
-                             f"shows the first {GRID_COLUMNS} of each (default 64)")
-    parser.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++ steps (default 20)")
-    parser.add_argument("--cfg-scale", type=float, default=4.5, help="guidance scale (default 4.5)")
+                             f"shows the first {GRID_COLUMNS} of each (default 128)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="iddpm",
+                        help="sampler (default iddpm: 100 learned-variance steps; its noise corrects what a few "
+                             "minutes of training leave wrong, measured in the README)")
+    parser.add_argument("--sample-steps", type=int, default=None,
+                        help="sampler steps (default: 100 for iddpm, 20 for dpm-solver, 25 for sa-solver)")
+    parser.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the config's, 3)")
     parser.add_argument("--out", default=str(OUT), help=f"output folder (default {OUT})")
     parser.add_argument("--num-train", type=int, default=4000,
                         help="training images of a new toy dataset (default 4000; an existing one is kept)")
-    parser.add_argument("--vae-steps", type=int, default=1000,
-                        help="training steps of a new toy VAE (default 1000; an existing one is kept)")
+    parser.add_argument("--vae-steps", type=int, default=4000,
+                        help="training steps of a toy VAE built because the config names a missing folder (default "
+                             "4000, as the shipped one)")
     add_cfg_options_argument(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be 1 or more, got {args.threads}")
+    if args.num_prompts < 2:
+        parser.error(f"--num-prompts must be 2 or more (half validation, half unseen), got {args.num_prompts}")
+    return args
 
 
 def cli_cfg_options(options):
@@ -68,14 +87,16 @@ def main(argv=None):
     import torch
 
     from diffusion.utils.config import load_config
-    from diffusion.utils.cpu import idle_cpu_threads
+    from diffusion.utils.cpu import RECIPE_THREADS, pin_cpu_numerics
     from diffusion.utils.fileio import atomic_write_text
-    torch.set_num_threads(idle_cpu_threads())  # every core when the machine is idle, fewer when it is shared
+    threads = pin_cpu_numerics(args.threads or RECIPE_THREADS)
     out = REPO / args.out
     overrides = dict(args.cfg_options or {})
     if args.steps is not None:
         overrides["max_steps"] = args.steps
-    tool_options = cli_cfg_options(overrides)
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    tool_options = [*cli_cfg_options(overrides), "--threads", str(threads)]
     cfg = load_config(REPO / CONFIG, {**overrides, "eval_interval": 0})
     encoders = (REPO / cfg.t5_pretrained).parent
     if (REPO / cfg.vae_pretrained).parent != encoders:
@@ -96,7 +117,7 @@ def main(argv=None):
         run_tool("tools/build_toy_encoders.py", "--data", dataset, "--config", CONFIG, "--out", encoders,
                  "--vae-steps", args.vae_steps, *tool_options)
     else:
-        print(f"found {cfg.t5_pretrained} and {cfg.vae_pretrained}")
+        print(f"found {cfg.t5_pretrained} and {cfg.vae_pretrained}")  # the shipped ones, unless the config says otherwise
     timings["encoders_s"] = time.perf_counter() - start
 
     start = stage("3/5 features (complete files are skipped)")
@@ -112,15 +133,19 @@ def main(argv=None):
     timings["sample_s"] = time.perf_counter() - start
     metrics["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     metrics["total_s"] = round(sum(timings.values()), 1)
+    metrics["numerics"] = {"threads": threads, "torch": torch.__version__,
+                           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "seed": cfg.seed}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
 
-    print(f"\nwrote {out / 'samples.png'} and {out / 'metrics.json'} in {metrics['total_s']:.0f} s")
+    print(f"\nwrote {out / 'samples.png'} and {out / 'metrics.json'} in {metrics['total_s']:.0f} s "
+          f"(seed {cfg.seed}, {threads} threads)")
     for split in ("val", "unseen"):
         for subset, label in (("all_shapes", f"{split} prompts"), ("held_out_pairs", "  their held-out pairs")):
             scores = metrics["alignment"][split][subset]
             if scores is not None:
                 print(f"  {label:22s} colour {scores['colour']:.2f}, shape {scores['kind']:.2f}, "
-                      f"position {scores['position']:.2f}, size {scores['size']:.2f}, all {scores['all']:.2f}")
+                      f"position {scores['position']:.2f}, size {scores['size']:.2f}, count {scores['count']:.2f}, "
+                      f"background {scores['background']:.2f}, all {scores['all']:.2f}")
     print("open the demo on this model:  python scripts/interface.py   (then http://127.0.0.1:7860)")
 
 
@@ -143,6 +168,8 @@ def sample_and_score(cfg, trained, dataset, out, args):
     from torchvision.transforms.functional import to_pil_image
 
     per_split = args.num_prompts // 2
+    steps = args.sample_steps or (100 if args.sampler == "iddpm" else None)
+    cfg_scale = cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale
     prompts = {split: [r["prompt"] for r in json.loads((dataset / "partition" / f"{split}_info.json").read_text())][:per_split]
                for split in ("val", "unseen")}
     model = load_transformer(trained["checkpoint"], config=cfg)
@@ -153,14 +180,14 @@ def sample_and_score(cfg, trained, dataset, out, args):
     for row, (split, texts) in enumerate(prompts.items()):
         features, mask = t5.get_text_embeddings(texts)
         seeds = [SEED_STRIDE * row + i for i in range(len(texts))]  # every image of the grid has its own noise
-        batch = sampler.sample(features, mask, cfg.image_size, cfg.image_size, seeds,
-                               "dpm-solver", args.sample_steps, args.cfg_scale)
+        batch = sampler.sample(features, mask, cfg.image_size, cfg.image_size, seeds, args.sampler, steps, cfg_scale)
         images[split] = [to_pil_image(image) for image in batch]
         scores[split] = alignment_report(images[split], [parse_caption(t) for t in texts], held_out)
     write_labelled_grid({k: v[:GRID_COLUMNS] for k, v in images.items()},
                         {k: v[:GRID_COLUMNS] for k, v in prompts.items()}, out / "samples.png")
     losses = trained["losses"]
     return {"checkpoint": str(trained["checkpoint"]), "train_steps": cfg.max_steps,
+            "sampler": {"name": args.sampler, "steps": steps, "cfg_scale": cfg_scale},
             "loss_first": losses[0][1] if losses else None, "loss_last": losses[-1][1] if losses else None,
             "alignment": scores, "prompts": prompts}
 

@@ -64,8 +64,10 @@ def tiny_config(tmp_path, base_config_path):
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
-    """A tiny T5, VAE and PixArt checkpoint plus a config naming them, like the toy model's."""
+    """A tiny T5, VAE and PixArt checkpoint plus a config naming them and a tiny toy-shapes dataset, like the toy
+    model's."""
     from diffusion.data.toy_encoders import build_toy_t5
+    from diffusion.data.toy_shapes import write_toy_dataset
     from diffusion.model.nets import PixArt
     from diffusion.utils.checkpoint import save_weights
     from tests.data_fixtures import tiny_vae
@@ -78,6 +80,7 @@ def tiny_pipeline(tmp_path_factory):
     model = randomize(PixArt(input_size=8, hidden_size=96, depth=1, num_heads=4, caption_channels=32,
                              model_max_length=48), scale=0.02)
     save_weights(model.state_dict(), root / "model.pth")
+    write_toy_dataset(root / "toy", num_train=2, num_val=4, num_unseen=4, progress=False)
     config = root / "demo_config.py"
     config.write_text(f"""_base_ = [{str(REPO / 'configs/PixArt_xl2_internal.py')!r}]
 model = 'PixArt'
@@ -88,6 +91,8 @@ model_max_length = 48
 t5_pretrained = {str(root / 't5')!r}
 vae_pretrained = {str(root / 'vae')!r}
 scale_factor = 1.0
+data_root = {str(root)!r}
+data = dict(type='InternalData', root='toy')
 """)
     return root, config
 

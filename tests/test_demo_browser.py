@@ -79,3 +79,17 @@ def test_a_prompt_over_the_token_limit_gets_a_visible_message(page):
     page.locator("#prompt textarea").fill("a large red circle on a gray background " * 4)
     page.locator("#generate").click()
     page.get_by_text("the model reads at most 48").first.wait_for(state="visible", timeout=60_000)
+
+
+def test_a_toy_model_offers_clickable_examples_and_names_its_vocabulary(page, tiny_pipeline):
+    from diffusion.data.toy_shapes import example_prompts
+    prompts, held_out = example_prompts(tiny_pipeline[0] / "toy")
+    note = page.locator("#vocabulary")
+    assert "knows one small grammar" in note.inner_text(timeout=30_000)
+    assert f"{held_out[0][0]} {held_out[0][1]}" in note.inner_text()
+    page.get_by_text(prompts[-1]).first.click()  # an unseen-pair example
+    assert page.locator("#prompt textarea").input_value(timeout=30_000) == prompts[-1]
+    page.locator("#generate").click()
+    image = page.locator("#gallery img").first
+    image.wait_for(state="visible", timeout=120_000)
+    assert image.evaluate("img => getComputedStyle(img).imageRendering") in ("pixelated", "crisp-edges")

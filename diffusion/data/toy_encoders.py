@@ -165,6 +165,29 @@ def train_toy_t5(t5_dir, captions, model_max_length, steps=300, batch_size=64, l
     return dict(zip(PHRASE_ATTRIBUTES + ('background',), hits))
 
 
+# What a build of the toy encoders must reach (tools/build_toy_encoders.py checks its reports against these; the
+# shipped encoders meet them, and tests/test_toy_encoders_rebuild.py rebuilds them and checks again). Read-out
+# accuracies of the T5 on the training captions; the VAE's PSNR on the val images and the shapes read back from its
+# reconstructions of them (kind is the hard part of 12-18 px shapes on an 8 x 8 latent).
+REPORT_THRESHOLDS = {
+    't5': {'readout_accuracy': dict(colour=0.99, kind=0.99, size=0.99, position=0.99, background=0.99)},
+    'vae': {'psnr_val_db': 32.0,
+            'reconstruction_alignment': dict(background=0.99, count=0.98, position=0.98, colour=0.98, kind=0.8,
+                                             size=0.98)},
+}
+
+
+def report_shortfalls(kind, report):
+    """Messages for every figure of a 't5' or 'vae' report below REPORT_THRESHOLDS (empty when it meets them all)."""
+    shortfalls = []
+    for key, minimum in REPORT_THRESHOLDS[kind].items():
+        pairs = ([(f'{key} {name}', report[key][name], low) for name, low in minimum.items()]
+                 if isinstance(minimum, dict) else [(key, report[key], minimum)])
+        shortfalls += [f'{kind} {label} = {value:.3f}, below the threshold {low}'
+                       for label, value, low in pairs if value < low]
+    return shortfalls
+
+
 def max_token_count(tokenizer, captions):
     """The most tokens (with the EOS) any caption needs, untruncated."""
     return max(len(ids) for ids in tokenizer(list(captions), add_special_tokens=True)['input_ids'])

@@ -297,6 +297,31 @@ def alignment_report(images, scenes, held_out=(), found=None):
                                                found=found) if has_held_out else None}
 
 
+# ---------------------------------------------------------------- what a toy model understands (the demo says it)
+
+def vocabulary_note():
+    """One line on the only grammar a toy model knows."""
+    return (f'This toy model knows one small grammar: "a SIZE COLOUR KIND POSITION[ and a SIZE COLOUR KIND POSITION], '
+            f'on a BACKGROUND background", sizes {"/".join(SIZES)}, colours {"/".join(COLOURS)}, kinds '
+            f'{"/".join(KINDS)}, positions "at the top left", "at the top", ..., "in the center", "on the left", ..., '
+            f'"at the bottom right", backgrounds {"/".join(BACKGROUNDS)}. Other words mean nothing to it.')
+
+
+def example_prompts(dataset_dir, per_split=4):
+    """(prompts, held-out pairs) of a toy dataset folder: the first `per_split` prompts of the val split, then of
+    the unseen split (whose first shape is a colour-kind pair no training image has), and those pairs."""
+    import json
+    from pathlib import Path
+
+    from diffusion.data import paths
+    held_out = [tuple(p) for p in json.loads((Path(dataset_dir) / MANIFEST).read_text())['held_out_pairs']]
+    prompts = []
+    for split in ('val', 'unseen'):
+        records = json.loads(Path(paths.annotation_path(dataset_dir, SPLIT_FILES[split])).read_text())
+        prompts += [record['prompt'] for record in records[:per_split]]
+    return prompts, held_out
+
+
 # ---------------------------------------------------------------- writing the dataset
 
 SPLIT_FILES = {'train': 'data_info.json', 'val': 'val_info.json', 'unseen': 'unseen_info.json'}

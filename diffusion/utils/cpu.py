@@ -40,3 +40,22 @@ def idle_cpu_threads(interval=0.5):
         return int(os.environ['OMP_NUM_THREADS'])
     cores = os.cpu_count() or 1
     return max(1, min(cores, round(cores - busy_cores(interval))))
+
+
+# The thread count of the toy recipe's published figures (the project's machines have 2 cores). CPU results are
+# bitwise reproducible for a fixed thread count only: reductions and matrix products split their sums by thread.
+RECIPE_THREADS = 2
+
+
+def pin_cpu_numerics(threads):
+    """Make this process's CPU results depend on its inputs, seeds and `threads` only, not on how busy the
+    machine is: exactly `threads` intra-op threads (never a count chosen from the idle cores) and torch's
+    deterministic algorithms. Bitwise equality also needs the same CPU kernel family (torch picks AVX-512 or
+    AVX2 kernels by the processor) and the same torch build. Returns `threads`."""
+    import torch
+
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    return threads
