@@ -5,7 +5,7 @@ from .model.respace import SpacedDiffusion, space_timesteps
 
 def IDDPM(timestep_respacing, noise_schedule="linear", use_kl=False, sigma_small=False, predict_xstart=False,
           learn_sigma=True, pred_sigma=True, rescale_learned_sigmas=False, diffusion_steps=1000, snr=False,
-          min_snr_gamma=None):
+          min_snr_gamma=None, exact_decoder_nll=False):
     """A `SpacedDiffusion` over `diffusion_steps` steps, respaced by `timestep_respacing` ("" or None: all).
 
     pred_sigma: the model outputs variance channels after eps (PixArt: 4 + 4).
@@ -15,6 +15,7 @@ def IDDPM(timestep_respacing, noise_schedule="linear", use_kl=False, sigma_small
     use_kl / rescale_learned_sigmas: loss "rescaled_kl" / "rescaled_mse" instead of "mse".
     snr: the reference's `snr_loss` (x0-space MSE for timesteps <= 249).
     min_snr_gamma: min-SNR-gamma weighting of the MSE (see `GaussianDiffusion`); None: unweighted.
+    exact_decoder_nll: the t = 0 term with the exact normal CDF, not the reference's tanh approximation.
     Training:  `IDDPM(str(1000)).training_losses(model, x0, t, model_kwargs)["loss"].mean()`.
     Sampling:  `IDDPM(str(100)).p_sample_loop(model.forward_with_cfg, z.shape, z, clip_denoised=False, ...)`.
     """
@@ -39,4 +40,5 @@ def IDDPM(timestep_respacing, noise_schedule="linear", use_kl=False, sigma_small
         pred_sigma=pred_sigma,
         snr=snr,
         min_snr_gamma=min_snr_gamma,
+        exact_decoder_nll=exact_decoder_nll,
     )

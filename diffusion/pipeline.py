@@ -169,6 +169,7 @@ class Sampler:
                 solver = SASolverSampler(callback.wrap(self.model.forward_with_dpmsolver), device=self.device)
                 latents = solver.sample(steps, B, noise.shape[1:], conditioning=features,
                                         unconditional_conditioning=uncond, unconditional_guidance_scale=cfg_scale,
+                                        eta=1.0,  # the official scripts' value; the facade's default is 0
                                         model_kwargs=model_kwargs, x_T=noise, generator=[int(s) for s in seeds],
                                         progress=False)[0]
             elif sampler == "iddpm":

@@ -10,6 +10,8 @@ from .model.sa_solver import SASolver
 class SASolverSampler:
     """SA-Solver with the released defaults: data prediction, a time-uniform grid, predictor and
     corrector of order 2, PEC mode, and stochasticity tau(t) = eta for 0.2 <= t <= 0.8, else 0.
+    `sample`'s eta defaults to 0, as the official facade's (a deterministic ODE sampler); the official
+    scripts, and our pipeline, pass eta=1.
 
     model: `model(x, timestep, y, **model_kwargs) -> eps` (PixArt: `forward_with_dpmsolver`).
     device: where x_T is drawn when not given (default: the conditioning's device, else the CPU).
@@ -21,7 +23,7 @@ class SASolverSampler:
         self.noise_schedule = NoiseScheduleVP(betas=get_named_beta_schedule(noise_schedule, diffusion_steps))
 
     def sample(self, S, batch_size, shape, conditioning=None, unconditional_conditioning=None,
-               unconditional_guidance_scale=1.0, eta=1.0, model_kwargs=None, x_T=None, generator=None,
+               unconditional_guidance_scale=1.0, eta=0.0, model_kwargs=None, x_T=None, generator=None,
                predictor_order=2, corrector_order=2, progress=True):
         """Draw `batch_size` latents of `shape` (C, H, W) in S steps; returns (samples, None).
 

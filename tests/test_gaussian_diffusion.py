@@ -162,11 +162,18 @@ def toy_model(x, timestep):
     return torch.cat([0.8 * x + 0.3 * scale, torch.tanh(x - scale)], dim=1)
 
 
-def expected_terms(x0, t, noise):
-    """mse, vb (bits) and loss computed from SPEC section 5 with torch.distributions."""
+def reference_cdf(z):
+    """The official code's normal CDF (SPEC section 9): 0.5 (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))."""
+    return 0.5 * (1 + torch.tanh((2 / math.pi) ** 0.5 * (z + 0.044715 * z ** 3)))
+
+
+def expected_terms(x0, t, noise, exact_cdf=False, model=None):
+    """mse, vb (bits) and loss computed from SPEC section 5 with torch.distributions; the decoder NLL at t = 0
+    with the reference's CDF and its 1e-12 clamps, or with the exact CDF."""
+    model = model or toy_model
     abar = ABAR[t].view(-1, 1, 1, 1)
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    out = toy_model(x_t, t)
+    out = model(x_t, t)
     eps, v = out[:, :2], out[:, 2:]
     mse = ((eps - noise) ** 2).mean(dim=(1, 2, 3))
     abar_prev = torch.where(t > 0, ABAR[(t - 1).clamp(min=0)], torch.ones(len(t), dtype=torch.float64))
@@ -180,28 +187,69 @@ def expected_terms(x0, t, noise):
     def posterior_mean(x_start):
         return (beta * abar_prev.sqrt() * x_start + (1 - abar_prev) * (1 - beta).sqrt() * x_t) / (1 - abar)
 
-    model = Normal(posterior_mean(x0_pred), torch.exp(0.5 * log_var))
+    # the bound trains the variance only: the model's mean enters detached (SPEC section 5)
+    predicted = Normal(posterior_mean(x0_pred).detach(), torch.exp(0.5 * log_var))
     true = Normal(posterior_mean(x0), clipped.sqrt().view(-1, 1, 1, 1))
-    kl = torch.distributions.kl_divergence(true, model).mean(dim=(1, 2, 3)) / math.log(2)
-    upper, lower = model.cdf(x0 + 1 / 255), model.cdf(x0 - 1 / 255)
-    prob = torch.where(x0 < -0.999, upper, torch.where(x0 > 0.999, 1 - lower, upper - lower))
+    kl = torch.distributions.kl_divergence(true, predicted).mean(dim=(1, 2, 3)) / math.log(2)
+    if exact_cdf:
+        upper, lower = predicted.cdf(x0 + 1 / 255), predicted.cdf(x0 - 1 / 255)
+        prob = torch.where(x0 < -0.999, upper, torch.where(x0 > 0.999, 1 - lower, upper - lower))
+    else:
+        scale = predicted.stddev
+        upper = reference_cdf((x0 - predicted.mean + 1 / 255) / scale)
+        lower = reference_cdf((x0 - predicted.mean - 1 / 255) / scale)
+        prob = torch.where(x0 < -0.999, upper.clamp(min=1e-12),
+                           torch.where(x0 > 0.999, (1 - lower).clamp(min=1e-12), (upper - lower).clamp(min=1e-12)))
     nll = -prob.log().mean(dim=(1, 2, 3)) / math.log(2)
     vb = torch.where(t == 0, nll, kl)
     return mse, vb, mse + vb
 
 
-def test_training_losses_match_mse_plus_vb_in_bits_with_the_decoder_nll_at_t0():
+def loss_inputs():
     gen = torch.Generator().manual_seed(2)
     x0 = torch.rand(4, 2, 3, 3, generator=gen, dtype=torch.float64) * 2 - 1
     x0[0, 0, 0, 0], x0[0, 1, 0, 0] = -1.0, 1.0  # both open-ended edge bins
     noise = torch.randn(4, 2, 3, 3, generator=gen, dtype=torch.float64)
-    t = batch(0, 1, 500, 999)
-    terms = IDDPM("").training_losses(toy_model, x0, t, noise=noise)
-    mse, vb, loss = expected_terms(x0, t, noise)
+    return x0, batch(0, 1, 500, 999), noise
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["reference-cdf", "exact-cdf"])
+def test_training_losses_match_mse_plus_vb_in_bits_with_the_decoder_nll_at_t0(exact):
+    x0, t, noise = loss_inputs()
+    terms = IDDPM("", exact_decoder_nll=exact).training_losses(toy_model, x0, t, noise=noise)
+    mse, vb, loss = expected_terms(x0, t, noise, exact_cdf=exact)
     assert torch.allclose(terms["mse"], mse, rtol=1e-9)
-    assert torch.allclose(terms["vb"], vb, rtol=1e-7)
-    assert torch.allclose(terms["loss"], loss, rtol=1e-7)
+    assert torch.allclose(terms["vb"], vb, rtol=1e-9)
+    assert torch.allclose(terms["loss"], loss, rtol=1e-9)
     assert terms["vb"][0] > 1.0  # the decoder NLL, not a KL of nearly equal Gaussians
+
+
+def test_the_default_decoder_nll_is_the_references_approximation_and_differs_from_the_exact_one():
+    x0, t, noise = loss_inputs()
+    reference = IDDPM("").training_losses(toy_model, x0, t, noise=noise)["vb"]
+    exact = IDDPM("", exact_decoder_nll=True).training_losses(toy_model, x0, t, noise=noise)["vb"]
+    assert torch.equal(reference[1:], exact[1:])  # only t = 0 has the decoder term
+    assert 1e-6 < abs(reference[0] - exact[0]) / exact[0] < 1e-2
+
+
+def test_loss_gradients_equal_the_references_at_t_0_1_500_999():
+    x0, t, noise = loss_inputs()
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_()
+
+    def model(x, timestep):  # a model with parameters, eps and variance channels depending on them
+        scale = timestep.double().view(-1, 1, 1, 1) / 1000
+        return torch.cat([weight[:2].view(1, 2, 1, 1) * x + 0.3 * scale,
+                          torch.tanh(weight[2:].view(1, 2, 1, 1) * x - scale)], dim=1)
+
+    for index in range(len(t)):
+        one = slice(index, index + 1)
+        ours = IDDPM("").training_losses(model, x0[one], t[one], noise=noise[one])["loss"].sum()
+        grad_ours, = torch.autograd.grad(ours, weight)
+        _, _, expected = expected_terms(x0[one], t[one], noise[one], model=model)
+        grad_expected, = torch.autograd.grad(expected.sum(), weight)
+        assert ours.item() == pytest.approx(expected.item(), rel=1e-9)
+        assert torch.allclose(grad_ours, grad_expected, rtol=1e-6, atol=1e-12), int(t[index])
 
 
 def test_vb_trains_only_the_variance_and_mse_only_the_mean():
@@ -275,7 +323,7 @@ def test_discretized_log_likelihood_matches_normal_bin_masses_including_the_tail
     bins = dist.cdf(x + 1 / 255) - dist.cdf(x - 1 / 255)
     expected = torch.where(x < -0.999, dist.cdf(x + 1 / 255).log(),
                            torch.where(x > 0.999, (1 - dist.cdf(x - 1 / 255)).log(), bins.log()))
-    got = discretized_gaussian_log_likelihood(x, means, log_scales)
+    got = discretized_gaussian_log_likelihood(x, means, log_scales, exact_cdf=True)
     assert torch.allclose(got[:6], expected[:6], rtol=1e-9)
     # 30 standard deviations off: finite and about -z^2/2, where the CDF difference underflows to 0.
     assert got[6].item() == pytest.approx(-0.5 * (3.0 / 0.1) ** 2, rel=0.01)

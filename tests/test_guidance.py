@@ -123,6 +123,9 @@ def test_dpms_sampling_of_pixart_ms_is_deterministic_given_the_latents():
 
 def test_sa_solver_sampling_of_pixart_gives_each_seeded_sample_the_same_result_in_any_batch():
     model, _, _, y, mask, _ = setup(PixArt)
+    # float64: a random model is no denoiser, guidance drives its latents to hundreds and the stochastic steps
+    # amplify the last-bit differences of batch-size-dependent float32 matrix products beyond any tolerance
+    model, y = model.double(), y.double()
     sampler = SASolverSampler(model.forward_with_dpmsolver)
 
     def sample(rows, seeds):
@@ -133,6 +136,27 @@ def test_sa_solver_sampling_of_pixart_gives_each_seeded_sample_the_same_result_i
 
     pair = sample([0, 1], [21, 22])
     alone = sample([1], [22])
-    # A random model is no denoiser and guidance drives its latents far out: compare relatively.
-    assert torch.allclose(pair[1:], alone, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(pair[1:], alone, rtol=1e-9, atol=1e-9)
     assert torch.equal(pair, sample([0, 1], [21, 22]))
+
+
+@pytest.mark.parametrize("cls", [PixArt, PixArtMS])
+def test_sa_solver_on_pixart_follows_the_reference_trajectory_with_the_same_noise(cls):
+    from diffusion.model.dpm_solver import NoiseScheduleVP, model_wrapper
+    from tests.test_samplers import BETAS, reference_sa_solver
+
+    model, x, _, y, mask, data_info = setup(cls)
+    model, x, y = model.double(), x.double(), y.double()
+    kwargs = dict(mask=mask, data_info=data_info)
+    null = null_caption(model, len(x))
+    torch.manual_seed(11)
+    ours = SASolverSampler(model.forward_with_dpmsolver).sample(
+        25, len(x), tuple(x.shape[1:]), conditioning=y, unconditional_conditioning=null,
+        unconditional_guidance_scale=SCALE, eta=1.0, model_kwargs=kwargs, x_T=x.clone(), progress=False)[0]
+    torch.manual_seed(11)
+    draws = [torch.randn_like(x) for _ in range(26)]
+    model_fn = model_wrapper(model.forward_with_dpmsolver, NoiseScheduleVP(betas=BETAS), condition=y,
+                             uncondition=null, guidance_scale=SCALE, model_kwargs=kwargs)
+    with torch.no_grad():
+        expected = reference_sa_solver(model_fn, x.clone(), 25, 1.0, draws)
+    assert (ours - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()

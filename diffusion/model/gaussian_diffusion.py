@@ -42,10 +42,12 @@ class GaussianDiffusion:
         min(SNR_t, gamma) for x0 prediction (SNR_t = abar_t / (1 - abar_t)), so the low-noise steps no longer
         dominate the gradient; None (default) leaves the loss unweighted. The variational bound is not weighted.
     timestep_map: the original timestep of each step, passed to the model (see `respace.SpacedDiffusion`).
+    exact_decoder_nll: the decoder NLL at t = 0 with the exact normal CDF instead of the reference's tanh
+        approximation (the default, with which the released models were trained).
     """
 
     def __init__(self, betas, *, mean_type="epsilon", var_type="learned_range", loss_type="mse",
-                 pred_sigma=None, snr=False, min_snr_gamma=None, timestep_map=None):
+                 pred_sigma=None, snr=False, min_snr_gamma=None, timestep_map=None, exact_decoder_nll=False):
         if mean_type not in MEAN_TYPES:
             raise ValueError(f"mean_type {mean_type!r} is unknown; expected one of {MEAN_TYPES}")
         if var_type not in VAR_TYPES:
@@ -61,6 +63,7 @@ class GaussianDiffusion:
             raise ValueError("min_snr_gamma and snr (the reference's snr_loss) both reweight the MSE; choose one")
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
         self.pred_sigma, self.snr, self.min_snr_gamma = pred_sigma, snr, min_snr_gamma
+        self.exact_decoder_nll = exact_decoder_nll
 
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         if betas.ndim != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
@@ -238,7 +241,7 @@ class GaussianDiffusion:
         out = self._p_from_output(output, x_t, t)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
         nll = -mean_flat(discretized_gaussian_log_likelihood(
-            x_start, out["mean"], 0.5 * out["log_variance"])) / math.log(2.0)
+            x_start, out["mean"], 0.5 * out["log_variance"], exact_cdf=self.exact_decoder_nll)) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):

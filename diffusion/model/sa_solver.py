@@ -92,7 +92,8 @@ class SASolver:
         with `corrector_order` values including the new one; "PECE" evaluates again after correcting.
         Orders drop while the history fills and over the final steps. As in the released few-step
         mode the last step is a deterministic predictor step with no correction. `generator`: seed,
-        generator or one per sample, for the noise.
+        generator or one per sample, for the noise (None: torch's global generator, as the reference's
+        `randn_like`); steps + 1 normals are drawn in the reference's order whatever tau is.
         """
         if skip_type not in _SKIP_TYPES:
             raise ValueError(f"skip_type {skip_type!r} is unknown; expected one of {tuple(_SKIP_TYPES)}")
@@ -111,18 +112,24 @@ class SASolver:
         generator = make_generator(generator)
         keep = max(predictor_order, corrector_order)
 
+        def draw():
+            return randn(x.shape, generator, x.device, x.dtype)
+
         with torch.no_grad():
+            # The released sampler draws one normal before the first step that it never uses, then one on every
+            # step whatever tau is, the last included: S + 1 draws, step i using draw i. Drawing the same way
+            # gives a user who seeds like the official scripts the official image.
+            draw()
             history = [(grid[0], self._x0(x, grid[0]))]
             for i in tqdm(range(1, steps + 1), disable=not progress, leave=False):
                 s, t = grid[i - 1], grid[i]
                 p = min(predictor_order, i, steps - i + 1)
                 q = min(corrector_order, i + 1, steps - i + 2)
+                noise = draw()  # the predictor and the corrector share the step's noise
                 if i == steps:
                     x = self.adams_step(x, s, t, history[-p:], 0.0, None)
                     break
                 tau_t = float(tau(t.t))
-                # The predictor and the corrector share the step's noise.
-                noise = randn(x.shape, generator, x.device, x.dtype) if tau_t > 0 else None
                 x_pred = self.adams_step(x, s, t, history[-p:], tau_t, noise)
                 value = self._x0(x_pred, t)
                 if corrector_order > 0:
