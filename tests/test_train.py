@@ -15,7 +15,7 @@ from diffusion.data.feature_io import save_caption_feature, save_vae_feature
 from diffusion.train import state as ckpt
 from diffusion.train.core import TrainingError, TrainOptions, train
 from diffusion.train.flavour import TrainingFlavour
-from diffusion.utils.checkpoint import read_checkpoint
+from diffusion.utils.checkpoint import CheckpointError, read_checkpoint
 from diffusion.utils.config import ConfigError, load_config
 from tests.conftest import REPO, TINY, tiny_model
 
@@ -204,6 +204,50 @@ def test_resume_with_another_split_of_the_same_effective_batch_continues_the_dat
     resumed = run(train_config, tmp_path / "resumed", {"max_steps": 9, "train_batch_size": 2,
                                                        "gradient_accumulation_steps": 2}, resume_from="auto")
     assert_states_equal(final_state(straight), final_state(resumed), atol=1e-5)
+
+
+class WithTargetNetwork(TrainingFlavour):
+    """Full training plus what LCM adds: a target network (an EMA of the model at its own rate) that the loss
+    receives, and state of its own carried by checkpoints (here a count of the losses computed)."""
+
+    name = "with-target"
+
+    def __init__(self):
+        self.losses_computed = 0
+
+    def averaged_copies(self, cfg):
+        return {"target": 0.5}
+
+    def loss(self, model, diffusion, batch, *args, companions=None, **kwargs):
+        assert set(companions) == {"target"}
+        self.losses_computed += 1
+        return super().loss(model, diffusion, batch, *args, companions=companions, **kwargs)
+
+    def extra_state(self):
+        return {"losses_computed": self.losses_computed}
+
+    def load_extra_state(self, state):
+        self.losses_computed = state["losses_computed"]
+
+
+def test_a_flavours_averaged_copy_and_own_state_are_saved_and_resumed_exactly(train_config, tmp_path):
+    straight = run(train_config, tmp_path / "straight", {"max_steps": 6}, flavour=WithTargetNetwork())
+    run(train_config, tmp_path / "resumed", {"max_steps": 3}, flavour=WithTargetNetwork())
+    resumed = run(train_config, tmp_path / "resumed", {"max_steps": 6}, flavour=WithTargetNetwork(),
+                  resume_from="auto")
+    a, b = final_state(straight), final_state(resumed)
+    assert_states_equal(a, b)
+    assert a["flavour"]["state"] == b["flavour"]["state"] == {"losses_computed": 6}
+    target = a["flavour"]["averaged"]["target"]
+    for name, value in target.items():
+        torch.testing.assert_close(value, b["flavour"]["averaged"]["target"][name], rtol=0, atol=0)
+    assert not torch.equal(target["blocks.0.attn.qkv.weight"], a["state_dict_ema"]["blocks.0.attn.qkv.weight"])
+
+
+def test_resume_under_another_flavour_is_refused(train_config, tmp_path):
+    run(train_config, tmp_path / "run", {"max_steps": 1}, flavour=WithTargetNetwork())
+    with pytest.raises(CheckpointError, match="written by the 'with-target' training flavour; this run is 'full'"):
+        run(train_config, tmp_path / "run", {"max_steps": 2}, resume_from="auto")
 
 
 def test_resume_auto_without_checkpoint_starts_fresh(train_config, tmp_path):

@@ -1,8 +1,11 @@
-"""The training loop shared by every flavour: set up, build, (resume), loop, log, save.
+"""The training loop shared by every flavour: set up, build, resume, loop, save.
 
-Read `train()` top to bottom for the story of one run. Differences from the reference (SPEC section 9):
-per-sample seeded randomness (ranks never repeat each other), an LR schedule stepped once per optimizer
-step whatever the world size, atomic checkpoints that carry the RNG states and the data position so a
+Read `train()` top to bottom for the story of one run. What it is made of: a `TrainingFlavour` (what differs
+between full training, LoRA, DreamBooth, ControlNet and LCM), a distributed strategy (DDP or FSDP,
+`diffusion/train/distributed.py`), the `Learner` (the model and what trains or follows it), the `RunState` (where
+the run is, saved in every checkpoint) and `train_step` (one optimizer step). Differences from the reference
+(SPEC section 9): per-sample seeded randomness (ranks never repeat each other), an LR schedule stepped once per
+optimizer step whatever the world size, atomic checkpoints that carry the RNG states and the data position so a
 resumed run continues with exactly the batches that were next, appended logs, strict loads.
 """
 import contextlib
@@ -18,13 +21,13 @@ import torch
 from accelerate.utils import gather_object
 
 from diffusion import IDDPM
-from diffusion.train.data import build_train_data
 from diffusion.train import state as ckpt
+from diffusion.train.checks import check_batch_fits_model, check_training_config
+from diffusion.train.distributed import build_strategy
 from diffusion.train.ema import EMA
 from diffusion.train.flavour import TrainingFlavour
 from diffusion.train.optim import build_lr_scheduler, build_optimizer, scaled_lr
-from diffusion.train.validate import check_batch_fits_model, check_training_config
-from diffusion.utils.checkpoint import load_state_dict_into, read_state_dict
+from diffusion.utils.checkpoint import CheckpointError, load_state_dict_into, read_state_dict
 from diffusion.utils.logger import get_logger
 
 
@@ -51,27 +54,64 @@ class TrainResult:
     stopped_by_signal: bool = False
 
 
-class _StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and stops."""
+@dataclass
+class RunState:
+    """Where the run is: everything the loop carries from step to step. `state_dict()` is what a checkpoint
+    stores to continue exactly (top-level keys of the released layout); the other fields describe this call."""
+    epoch: int = 0               # 0-based; checkpoint names and logs count from 1
+    global_step: int = 0         # optimizer steps done, skipped non-finite ones included
+    step_in_epoch: int = 0       # optimizer steps of `epoch` done: the position in the epoch's data order
+    nonfinite_streak: int = 0    # consecutive skipped steps
+    losses: list = field(default_factory=list)   # (step, mean loss over ranks) at every logged step of this call
+    last_checkpoint: Path = None
+    stopped_by_signal: bool = False
 
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
+    def state_dict(self):
+        return {"epoch": self.epoch, "step": self.global_step, "step_in_epoch": self.step_in_epoch,
+                "nonfinite_streak": self.nonfinite_streak}
 
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
+    def load_state_dict(self, state):
+        self.epoch, self.global_step = state["epoch"], state["step"]
+        self.step_in_epoch, self.nonfinite_streak = state["step_in_epoch"], state["nonfinite_streak"]
 
-    def _handle(self, signum, frame):
-        if self.requested:  # a second signal: stop now
-            signal.signal(signum, self._previous[signum])
-            raise KeyboardInterrupt
-        self.requested = True
+    def saved_this_step(self):
+        return self.last_checkpoint is not None and ckpt.checkpoint_step(self.last_checkpoint) == self.global_step
 
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The run's length and batch in optimizer steps, fixed at start-up (max_steps, when set, is the length of
+    the run: more or fewer epochs than num_epochs, the last one partial)."""
+    accumulation: int
+    effective_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    lr: float                    # the optimizer's lr after the auto_lr rule for `effective_batch`
+
+    @classmethod
+    def for_run(cls, cfg, world_size, micro_batches_per_epoch):
+        accum = cfg.gradient_accumulation_steps
+        effective_batch = cfg.train_batch_size * accum * world_size
+        steps_per_epoch = micro_batches_per_epoch // accum  # the sampler yields `accum` micro-batches a step
+        return cls(accum, effective_batch, steps_per_epoch, cfg.max_steps or cfg.num_epochs * steps_per_epoch,
+                   scaled_lr(cfg.optimizer.lr, effective_batch, cfg.auto_lr))
+
+
+@dataclass
+class Learner:
+    """The model as the strategy wrapped it and what trains or follows it."""
+    flavour: TrainingFlavour
+    diffusion: object            # the IDDPM schedule and loss terms
+    model: torch.nn.Module
+    optimizer: object
+    lr_scheduler: object
+    ema: EMA                     # saved as `state_dict_ema`; the validation grids sample it
+    averaged: dict               # the flavour's other EMA copies, name -> EMA
+    frozen: dict                 # the flavour's frozen modules, name -> module
+
+    def companions(self):
+        """What the flavour's loss gets besides the model."""
+        return {**self.frozen, **{name: ema.model for name, ema in self.averaged.items()}}
 
 
 def seed_process(seed, rank):
@@ -84,247 +124,168 @@ def seed_process(seed, rank):
 
 def train(cfg, options, flavour=None):
     """Run (or resume) a training run described by a loaded config; returns a TrainResult."""
-    from accelerate import Accelerator
-
     flavour = flavour or TrainingFlavour()
     work_dir = Path(options.work_dir)
     cfg = cfg.with_overrides({"work_dir": str(work_dir)})
     check_training_config(cfg)
 
     # ------------------------------------------------------------ set up
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        cpu=not torch.cuda.is_available(),
-        log_with=None if options.report_to == "none" else options.report_to,
-        project_dir=str(work_dir),
-        fsdp_plugin=_fsdp_plugin() if cfg.use_fsdp else None,
-    )
+    strategy = build_strategy(cfg, options.report_to, work_dir)
+    accelerator = strategy.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
-    if accelerator.is_main_process:
-        work_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    log = get_logger("pixart.train", work_dir / "train_log.log", accelerator.is_main_process)
-    if accelerator.is_main_process:
-        cfg.dump(work_dir / "config.py")
+    log = _open_work_dir(accelerator, cfg, work_dir)
     seed_process(cfg.seed, rank)
     log.info(f"world size {world}, device {accelerator.device}, mixed precision {cfg.mixed_precision}, "
              f"work dir {work_dir}")
 
     # ------------------------------------------------------------ build
-    data = build_train_data(cfg, rank=rank, world_size=world, num_workers=0 if options.debug else cfg.num_workers,
-                            device=accelerator.device)
+    data = flavour.build_data(cfg, rank=rank, world_size=world,
+                              num_workers=0 if options.debug else cfg.num_workers, device=accelerator.device)
     model = flavour.build_model(cfg)
     check_batch_fits_model(data.dataset, model, cfg)
     if options.load_from:
         report = load_state_dict_into(model, read_state_dict(options.load_from), strict=False,
                                       source=options.load_from)
         log.info(report.summary())
+    model = flavour.wrap_model(model, cfg)
     diffusion = IDDPM(str(cfg.train_sampling_steps), learn_sigma=cfg.learn_sigma, pred_sigma=cfg.pred_sigma,
                       snr=cfg.snr_loss, min_snr_gamma=cfg.min_snr_gamma)
-    accum = cfg.gradient_accumulation_steps
-    effective_batch = cfg.train_batch_size * accum * world
-    steps_per_epoch = len(data.batch_sampler) // accum  # the sampler yields `accum` micro-batches a step
-    # max_steps, when set, is the length of the run (more or fewer epochs than num_epochs, the last one partial)
-    total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
+    plan = RunPlan.for_run(cfg, world, len(data.batch_sampler))
 
     # ------------------------------------------------------------ resume (weights before wrapping)
-    global_step, epoch, step_in_epoch, nonfinite_streak = 0, 0, 0, 0
-    resume_path = _resolve_resume(options.resume_from, work_dir, log)
-    state = ckpt.load_training_checkpoint(resume_path) if resume_path is not None else None
-    if state is not None:
-        load_state_dict_into(model, state["state_dict"], source=resume_path)
-    ema = EMA(model, cfg.ema_rate)
-    if state is not None:
-        ema.load_state_dict(state["state_dict_ema"])
-    ema.model.to(accelerator.device)
-
-    # ------------------------------------------------------------ wrap, optimizer, schedule
-    lr = scaled_lr(cfg.optimizer.lr, effective_batch, cfg.auto_lr)
-    fused = not cfg.use_fsdp  # fused AdamW: on the CPU too, ~40x faster than the per-tensor loop there
-    if cfg.use_fsdp:  # FSDP wraps the model first; the optimizer then sees the sharded parameters
-        model = accelerator.prepare(model)
-        optimizer = accelerator.prepare(build_optimizer(flavour.trainable_parameters(model), cfg.optimizer, lr))
-    else:
-        optimizer = build_optimizer(flavour.trainable_parameters(model), cfg.optimizer, lr, fused=fused)
-        model, optimizer = accelerator.prepare(model, optimizer)
-    lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_schedule, cfg.lr_schedule_args.get("num_warmup_steps", 0),
-                                      total_steps)
-    log.info(f"{sum(p.numel() for p in ema.model.parameters()):,} parameters; {len(data.dataset)} records; "
-             f"{steps_per_epoch} optimizer steps per epoch, {total_steps} in all; effective batch "
-             f"{effective_batch}; lr {cfg.optimizer.lr:g} -> {lr:g} (auto_lr {dict(cfg.auto_lr) if cfg.auto_lr else 'off'})")
-    if state is not None:
-        _load_optimizer_state(accelerator, model, optimizer, state["optimizer"], cfg)
-        lr_scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler") is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        global_step, epoch, nonfinite_streak = state["step"], state["epoch"], state["nonfinite_streak"]
-        step_in_epoch = _resume_position(state, cfg, world, accum, log)
-        _restore_rng(state, rank, world, cfg.seed, global_step, log)
-        log.info(f"resumed from {resume_path}: epoch {epoch + 1}, step {global_step} "
-                 f"({step_in_epoch} of this epoch's {steps_per_epoch} steps done)")
-    if options.report_to != "none":
-        accelerator.init_trackers("pixart", config={"config_file": str(cfg.filename), "world_size": world})
+    resume_path, checkpoint = _find_checkpoint(options.resume_from, work_dir, flavour, log)
+    learner = build_learner(model, diffusion, flavour, strategy, cfg, plan, checkpoint, resume_path)
+    log.info(f"{sum(p.numel() for p in learner.ema.model.parameters()):,} parameters; {len(data.dataset)} "
+             f"records; {_describe(plan, cfg)}")
+    run = RunState()
+    if checkpoint is not None:
+        _resume(checkpoint, run, learner, strategy, cfg, plan, log)
+        log.info(f"resumed from {resume_path}: epoch {run.epoch + 1}, step {run.global_step} "
+                 f"({run.step_in_epoch} of this epoch's {plan.steps_per_epoch} steps done)")
 
     # ------------------------------------------------------------ loop
-    result = TrainResult(work_dir=work_dir, global_step=global_step, epoch=epoch)
-    log_interval = 1 if options.debug else cfg.log_interval
-    progress = _progress_bar(accelerator, total_steps, global_step)
-    window_start, window_images = time.perf_counter(), 0
+    reporter = _Reporter(accelerator, log, options, cfg, plan, run.global_step)
 
     def save(reason):
-        path = _save(accelerator, model, ema, optimizer, lr_scheduler, flavour, cfg, work_dir,
-                     epoch, global_step, step_in_epoch, nonfinite_streak)
-        log.info(f"saved checkpoint {path} ({reason})")
-        result.last_checkpoint = path
-        return path
+        run.last_checkpoint = _save(run, strategy, learner, cfg, work_dir)
+        log.info(f"saved checkpoint {run.last_checkpoint} ({reason})")
 
     with _StopRequest() as stop:
-        while global_step < total_steps:
-            if step_in_epoch >= steps_per_epoch:
-                epoch, step_in_epoch = epoch + 1, 0
-            data.batch_sampler.set_epoch(epoch, start_batch=step_in_epoch * accum)
+        while run.global_step < plan.total_steps and not run.stopped_by_signal:
+            if run.step_in_epoch >= plan.steps_per_epoch:
+                run.epoch, run.step_in_epoch = run.epoch + 1, 0
+            data.batch_sampler.set_epoch(run.epoch, start_batch=run.step_in_epoch * plan.accumulation)
             batches = iter(data.loader)
-            while step_in_epoch < steps_per_epoch and global_step < total_steps:
-                model.train()
-                losses, indices = [], []
-                for micro in range(accum):
-                    batch = next(batches)
-                    indices += batch[3]["index"].tolist()
-                    sync = micro == accum - 1
-                    with (accelerator.no_sync(model) if not sync else contextlib.nullcontext()):
-                        loss, _ = flavour.loss(model, diffusion, batch, epoch, cfg, accelerator.device, data.vae)
-                        accelerator.backward(loss / accum)
-                    losses.append(loss.detach())
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.gradient_clip or float("inf"))
-                stepped = _optimizer_step(accelerator, optimizer, grad_norm)
-                optimizer.zero_grad(set_to_none=True)
-                if stepped:
-                    lr_scheduler.step()
-                    _ema_update(accelerator, model, ema, cfg)
-                    nonfinite_streak = 0
-                else:
-                    nonfinite_streak += 1
-                    bad = sorted(gather_object(indices))
-                    log.warning(f"step {global_step + 1}: non-finite loss or gradients (loss "
-                                f"{torch.stack(losses).mean().item():.4g}, grad norm {float(grad_norm):.4g}); "
-                                f"step skipped; records in the batch: {bad}")
-                global_step += 1
-                step_in_epoch += 1
-                window_images += effective_batch
-                progress.update(1)
-
-                if global_step % log_interval == 0 or global_step == total_steps:
-                    mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-                    elapsed = time.perf_counter() - window_start
-                    speed = window_images / max(elapsed, 1e-9)
-                    window_start, window_images = time.perf_counter(), 0
-                    current_lr = lr_scheduler.get_last_lr()[0]
-                    result.losses.append((global_step, mean_loss))
-                    progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{current_lr:.2e}", img_s=f"{speed:.1f}")
-                    log.info(f"epoch {epoch + 1} step {global_step}/{total_steps} loss {mean_loss:.4f} "
-                             f"grad_norm {float(grad_norm):.3f} lr {current_lr:.3e} {speed:.1f} img/s")
-                    if options.report_to != "none":
-                        accelerator.log({"loss": mean_loss, "lr": current_lr, "grad_norm": float(grad_norm),
-                                         "images_per_second": speed}, step=global_step)
-                if nonfinite_streak >= cfg.max_nonfinite_steps:
+            while run.step_in_epoch < plan.steps_per_epoch and run.global_step < plan.total_steps:
+                loss, grad_norm = train_step(batches, run, learner, strategy, cfg, data.vae, log)
+                reporter.step_done(run, loss, grad_norm, learner.lr_scheduler)
+                if run.nonfinite_streak >= cfg.max_nonfinite_steps:
                     save("non-finite steps")
-                    raise TrainingError(
-                        f"{nonfinite_streak} consecutive steps had a non-finite loss or gradients (last at step "
-                        f"{global_step}); stopped after saving {result.last_checkpoint}. Lower the learning rate, "
-                        "check the data records logged above, or use mixed_precision='bf16'")
-                if cfg.eval_interval and global_step % cfg.eval_interval == 0 and data.visualizer is not None:
-                    _visualize(accelerator, data.visualizer, ema.model, work_dir, global_step, log, options)
-                epoch_done = step_in_epoch == steps_per_epoch
-                if cfg.save_model_steps and global_step % cfg.save_model_steps == 0:
-                    save(f"every {cfg.save_model_steps} steps")
-                elif epoch_done and cfg.save_model_epochs and (epoch + 1) % cfg.save_model_epochs == 0:
-                    save(f"every {cfg.save_model_epochs} epochs")
+                    raise _nonfinite_error(run)
+                if cfg.eval_interval and run.global_step % cfg.eval_interval == 0 and data.visualizer is not None:
+                    reporter.visualize(data.visualizer, learner.ema.model, work_dir, run.global_step)
+                reason = _scheduled_save(cfg, run, plan)
+                if reason is not None:
+                    save(reason)
                 if _stop_requested(accelerator, stop):
-                    if result.last_checkpoint is None or ckpt.checkpoint_step(result.last_checkpoint) != global_step:
+                    if not run.saved_this_step():
                         save("stop requested by signal")
-                    result.stopped_by_signal = True
+                    run.stopped_by_signal = True
                     break
-            if result.stopped_by_signal:
-                break
 
-    if not result.stopped_by_signal and (result.last_checkpoint is None or
-                                         ckpt.checkpoint_step(result.last_checkpoint) != global_step):
+    # ------------------------------------------------------------ save
+    if not run.stopped_by_signal and not run.saved_this_step():
         save("end of training")
-    progress.close()
-    if options.report_to != "none":
-        accelerator.end_training()
-    result.global_step, result.epoch = global_step, epoch
-    log.info(f"finished at epoch {epoch + 1}, step {global_step}; last checkpoint {result.last_checkpoint}")
-    return result
+    reporter.close()
+    log.info(f"finished at epoch {run.epoch + 1}, step {run.global_step}; last checkpoint {run.last_checkpoint}")
+    return TrainResult(work_dir, run.global_step, run.epoch, run.last_checkpoint, run.losses, run.stopped_by_signal)
 
 
-# ---------------------------------------------------------------- helpers
-
-def _fsdp_plugin():
-    """Shard the transformer blocks of PixArt and PixArtMS (each block is one FSDP unit)."""
-    from accelerate import FullyShardedDataParallelPlugin
-    from diffusion.model.nets.PixArt_blocks import PixArtBlock
-    return FullyShardedDataParallelPlugin(transformer_cls_names_to_wrap=[PixArtBlock.__name__],
-                                          auto_wrap_policy="transformer_based_wrap", use_orig_params=True)
-
-
-def _resolve_resume(resume_from, work_dir, log):
-    if resume_from is None:
-        return None
-    if resume_from == "auto":
-        path = ckpt.find_resumable_checkpoint(work_dir, log=log.warning)
-        if path is None:
-            log.info(f"--resume-from auto: no checkpoint in {work_dir / ckpt.CHECKPOINT_DIR}; starting fresh")
-        return path
-    if not Path(resume_from).is_file():
-        raise FileNotFoundError(f"--resume-from {resume_from}: no such checkpoint file")
-    return Path(resume_from)
-
-
-def _optimizer_step(accelerator, optimizer, grad_norm):
-    """Step unless the gradients are non-finite; fp16's scaler decides (and lowers its scale) itself."""
-    if accelerator.scaler is not None:
-        optimizer.step()
-        return not accelerator.optimizer_step_was_skipped
-    if not math.isfinite(float(grad_norm)):
-        return False
-    optimizer.step()
-    return True
+def build_learner(model, diffusion, flavour, strategy, cfg, plan, checkpoint=None, source=None):
+    """Resume the weights (before wrapping, so FSDP shards the resumed ones), copy the EMAs from them, then let the
+    strategy wrap the model and build the optimizer over the flavour's trainable parameters."""
+    device = strategy.accelerator.device
+    if checkpoint is not None:
+        flavour.load_weights(model, checkpoint["state_dict"], source=source)
+    ema = EMA(model, cfg.ema_rate)
+    averaged = {name: EMA(model, rate) for name, rate in flavour.averaged_copies(cfg).items()}
+    if checkpoint is not None:
+        ema.load_state_dict(checkpoint["state_dict_ema"])
+        saved = checkpoint.get("flavour", {}).get("averaged", {})
+        for name, copy in averaged.items():
+            if name not in saved:
+                raise CheckpointError(f"{source} lacks the {flavour.name!r} flavour's averaged copy {name!r}")
+            copy.load_state_dict(saved[name])
+    for copy in (ema, *averaged.values()):
+        copy.model.to(device)
+    model, optimizer = strategy.prepare(model, lambda module, fused: build_optimizer(
+        flavour.trainable_parameters(module), cfg.optimizer, plan.lr, fused=fused))
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_schedule, cfg.lr_schedule_args.get("num_warmup_steps", 0),
+                                      plan.total_steps)
+    return Learner(flavour, diffusion, model, optimizer, lr_scheduler, ema, averaged,
+                   flavour.frozen_modules(cfg, device))
 
 
-def _stop_requested(accelerator, stop):
-    """All ranks stop together if any rank got a signal."""
-    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
-    return accelerator.reduce(flag, reduction="sum").item() > 0
-
-
-def _save(accelerator, model, ema, optimizer, lr_scheduler, flavour, cfg, work_dir, epoch, global_step,
-          step_in_epoch, nonfinite_streak):
-    rng_states = gather_object([ckpt.capture_rng_state()])
-    if cfg.use_fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        model_state = accelerator.get_state_dict(model)
-        optim_state = FSDP.optim_state_dict(model, optimizer.optimizer)
+def train_step(batches, run, learner, strategy, cfg, vae, log):
+    """One optimizer step over `gradient_accumulation_steps` micro-batches: the flavour's loss, backward,
+    clipping, the optimizer step (skipped when the gradients are not finite), then the LR schedule and every EMA.
+    Advances `run`; returns this process's mean loss (a tensor) and the gradient norm."""
+    accelerator, model, accum = strategy.accelerator, learner.model, cfg.gradient_accumulation_steps
+    model.train()
+    losses, indices = [], []
+    for micro in range(accum):
+        batch = next(batches)
+        indices += batch[3]["index"].tolist()
+        # gradients are averaged across processes on the last micro-batch only
+        with (accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()):
+            loss, _ = learner.flavour.loss(model, learner.diffusion, batch, run.epoch, cfg, accelerator.device, vae,
+                                           companions=learner.companions())
+            accelerator.backward(loss / accum)
+        losses.append(loss.detach())
+    loss = torch.stack(losses).mean()
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.gradient_clip or float("inf"))
+    stepped = _optimizer_step(accelerator, learner.optimizer, grad_norm)
+    learner.optimizer.zero_grad(set_to_none=True)
+    if stepped:
+        learner.lr_scheduler.step()
+        for ema in (learner.ema, *learner.averaged.values()):
+            strategy.update_ema(model, ema)
+        run.nonfinite_streak = 0
     else:
-        model_state = flavour.state_dict(accelerator.unwrap_model(model))
-        optim_state = optimizer.state_dict()
-    path = ckpt.checkpoint_path(work_dir, epoch + 1, global_step)
+        run.nonfinite_streak += 1
+        bad = sorted(gather_object(indices))
+        log.warning(f"step {run.global_step + 1}: non-finite loss or gradients (loss {loss.item():.4g}, grad norm "
+                    f"{float(grad_norm):.4g}); step skipped; records in the batch: {bad}")
+    run.global_step += 1
+    run.step_in_epoch += 1
+    return loss, grad_norm
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _save(run, strategy, learner, cfg, work_dir):
+    """Write the checkpoint of the current step (main process; every rank takes part) and return its path."""
+    accelerator = strategy.accelerator
+    rng_states = gather_object([ckpt.capture_rng_state()])
+    model_state = learner.flavour.weights_to_save(strategy.model_state_dict(learner.model))
+    optim_state = strategy.optimizer_state_dict(learner.model, learner.optimizer)
+    path = ckpt.checkpoint_path(work_dir, run.epoch + 1, run.global_step)
     if accelerator.is_main_process:
         payload = {
-            "state_dict": {k: v.detach().cpu() for k, v in model_state.items()},
-            "state_dict_ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
+            "state_dict": _to_cpu(model_state),
+            "state_dict_ema": _to_cpu(learner.ema.state_dict()),
             "optimizer": optim_state,
-            "scheduler": lr_scheduler.state_dict(),
+            "scheduler": learner.lr_scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            "epoch": epoch,
-            "step": global_step,
-            "step_in_epoch": step_in_epoch,
-            "nonfinite_streak": nonfinite_streak,
-            "world_size": accelerator.num_processes,
+            **run.state_dict(),
+            "world_size": accelerator.num_processes,  # with the two below: the split the data position counts in
             "train_batch_size": cfg.train_batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
             "rng": rng_states,
             "config": cfg.pretty_text,
+            "flavour": {"name": learner.flavour.name,
+                        "averaged": {name: _to_cpu(ema.state_dict()) for name, ema in learner.averaged.items()},
+                        "state": learner.flavour.extra_state()},
         }
         ckpt.save_training_checkpoint(path, payload)
         ckpt.prune_checkpoints(work_dir, cfg.keep_last_n)
@@ -332,20 +293,44 @@ def _save(accelerator, model, ema, optimizer, lr_scheduler, flavour, cfg, work_d
     return path
 
 
-def _ema_update(accelerator, model, ema, cfg):
-    if cfg.use_fsdp:  # the EMA is a full fp32 copy; gather the sharded weights for the update
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        with FSDP.summon_full_params(model, writeback=False):
-            ema.update(model.module if hasattr(model, "module") else model)
+def _to_cpu(state_dict):
+    return {k: v.detach().cpu() for k, v in state_dict.items()}
+
+
+def _find_checkpoint(resume_from, work_dir, flavour, log):
+    """(path, payload) of the checkpoint to resume from, or (None, None) to start fresh."""
+    if resume_from is None:
+        return None, None
+    if resume_from == "auto":
+        path = ckpt.find_resumable_checkpoint(work_dir, log=log.warning)
+        if path is None:
+            log.info(f"--resume-from auto: no checkpoint in {work_dir / ckpt.CHECKPOINT_DIR}; starting fresh")
+            return None, None
+    elif not Path(resume_from).is_file():
+        raise FileNotFoundError(f"--resume-from {resume_from}: no such checkpoint file")
     else:
-        ema.update(accelerator.unwrap_model(model))
+        path = Path(resume_from)
+    checkpoint = ckpt.load_training_checkpoint(path)
+    saved_flavour = checkpoint.get("flavour", {}).get("name", "full")  # checkpoints before flavours: full training
+    if saved_flavour != flavour.name:
+        raise CheckpointError(f"{path} was written by the {saved_flavour!r} training flavour; this run is "
+                              f"{flavour.name!r}: resume it with its own flavour, or start from its weights with "
+                              "--load-from")
+    return path, checkpoint
 
 
-def _load_optimizer_state(accelerator, model, optimizer, optim_state, cfg):
-    if cfg.use_fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        optim_state = FSDP.optim_state_dict_to_load(model, optimizer.optimizer, optim_state)
-    optimizer.load_state_dict(optim_state)
+def _resume(checkpoint, run, learner, strategy, cfg, plan, log):
+    """The rest of a checkpoint once its weights are in: optimizer, LR schedule, grad scaler, flavour state, the
+    run state (its data position converted to this run's batch split) and the RNG streams."""
+    accelerator = strategy.accelerator
+    strategy.load_optimizer_state_dict(learner.model, learner.optimizer, checkpoint["optimizer"])
+    learner.lr_scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint.get("scaler") is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(checkpoint["scaler"])
+    learner.flavour.load_extra_state(checkpoint.get("flavour", {}).get("state", {}))
+    run.load_state_dict(checkpoint)
+    run.step_in_epoch = _resume_position(checkpoint, cfg, accelerator.num_processes, plan.accumulation, log)
+    _restore_rng(checkpoint, accelerator.process_index, accelerator.num_processes, cfg.seed, run.global_step, log)
 
 
 def _resume_position(state, cfg, world, accum, log):
@@ -373,21 +358,130 @@ def _restore_rng(state, rank, world, seed, global_step, log):
     seed_process(seed + 1000003 * global_step, rank)
 
 
-def _progress_bar(accelerator, total, initial):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, disable=not accelerator.is_main_process, desc="train",
-                dynamic_ncols=True, unit="step")
+def _scheduled_save(cfg, run, plan):
+    """Why the config wants a checkpoint after this step, or None."""
+    if cfg.save_model_steps and run.global_step % cfg.save_model_steps == 0:
+        return f"every {cfg.save_model_steps} steps"
+    epoch_done = run.step_in_epoch == plan.steps_per_epoch
+    if epoch_done and cfg.save_model_epochs and (run.epoch + 1) % cfg.save_model_epochs == 0:
+        return f"every {cfg.save_model_epochs} epochs"
+    return None
 
 
-def _visualize(accelerator, visualizer, ema_model, work_dir, global_step, log, options):
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        return
-    path = visualizer(ema_model, work_dir / "vis" / f"step_{global_step}.png")
-    log.info(f"validation samples: {path}")
-    if options.report_to == "tensorboard":
-        import numpy as np
-        from PIL import Image
-        writer = accelerator.get_tracker("tensorboard", unwrap=True)
-        writer.add_image("validation", np.asarray(Image.open(path)), global_step, dataformats="HWC")
+# ---------------------------------------------------------------- the step's pieces, stopping, reporting
+
+def _optimizer_step(accelerator, optimizer, grad_norm):
+    """Step unless the gradients are non-finite; fp16's scaler decides (and lowers its scale) itself."""
+    if accelerator.scaler is not None:
+        optimizer.step()
+        return not accelerator.optimizer_step_was_skipped
+    if not math.isfinite(float(grad_norm)):
+        return False
+    optimizer.step()
+    return True
+
+
+def _nonfinite_error(run):
+    return TrainingError(
+        f"{run.nonfinite_streak} consecutive steps had a non-finite loss or gradients (last at step "
+        f"{run.global_step}); stopped after saving {run.last_checkpoint}. Lower the learning rate, "
+        "check the data records logged above, or use mixed_precision='bf16'")
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and stops."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            signal.signal(signum, self._previous[signum])
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_requested(accelerator, stop):
+    """All ranks stop together if any rank got a signal."""
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+def _open_work_dir(accelerator, cfg, work_dir):
+    """Create the work dir, open the (appended) log and write the merged config; returns the logger."""
+    if accelerator.is_main_process:
+        work_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+    log = get_logger("pixart.train", work_dir / "train_log.log", accelerator.is_main_process)
+    if accelerator.is_main_process:
+        cfg.dump(work_dir / "config.py")
+    return log
+
+
+def _describe(plan, cfg):
+    return (f"{plan.steps_per_epoch} optimizer steps per epoch, {plan.total_steps} in all; effective batch "
+            f"{plan.effective_batch}; lr {cfg.optimizer.lr:g} -> {plan.lr:g} "
+            f"(auto_lr {dict(cfg.auto_lr) if cfg.auto_lr else 'off'})")
+
+
+class _Reporter:
+    """What a person watching the run sees: the progress bar, a log line and tracker scalars every
+    `log_interval` steps (images/s over the steps since the last one) and the validation grids."""
+
+    def __init__(self, accelerator, log, options, cfg, plan, initial_step):
+        from tqdm.auto import tqdm
+        self.accelerator, self.log, self.report_to = accelerator, log, options.report_to
+        self.interval = 1 if options.debug else cfg.log_interval
+        self.plan = plan
+        if self.report_to != "none":
+            accelerator.init_trackers("pixart", config={"config_file": str(cfg.filename),
+                                                        "world_size": accelerator.num_processes})
+        self.bar = tqdm(total=plan.total_steps, initial=initial_step, disable=not accelerator.is_main_process,
+                        desc="train", dynamic_ncols=True, unit="step")
+        self.window_start, self.window_images = time.perf_counter(), 0
+
+    def step_done(self, run, loss, grad_norm, lr_scheduler):
+        """Count the step; on a logged step, average the loss over ranks and append it to `run.losses`."""
+        self.window_images += self.plan.effective_batch
+        self.bar.update(1)
+        step = run.global_step
+        if step % self.interval != 0 and step != self.plan.total_steps:
+            return
+        mean_loss = self.accelerator.reduce(loss, reduction="mean").item()
+        elapsed = time.perf_counter() - self.window_start
+        speed = self.window_images / max(elapsed, 1e-9)
+        self.window_start, self.window_images = time.perf_counter(), 0
+        lr = lr_scheduler.get_last_lr()[0]
+        run.losses.append((step, mean_loss))
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
+        self.log.info(f"epoch {run.epoch + 1} step {step}/{self.plan.total_steps} loss {mean_loss:.4f} "
+                      f"grad_norm {float(grad_norm):.3f} lr {lr:.3e} {speed:.1f} img/s")
+        if self.report_to != "none":
+            self.accelerator.log({"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
+                                  "images_per_second": speed}, step=step)
+
+    def visualize(self, visualizer, ema_model, work_dir, step):
+        """Sample the validation grid with the EMA weights (main process; the others wait)."""
+        if self.accelerator.is_main_process:
+            path = visualizer(ema_model, work_dir / "vis" / f"step_{step}.png")
+            self.log.info(f"validation samples: {path}")
+            if self.report_to == "tensorboard":
+                from PIL import Image
+                writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+                writer.add_image("validation", np.asarray(Image.open(path)), step, dataformats="HWC")
+        self.accelerator.wait_for_everyone()
+
+    def close(self):
+        self.bar.close()
+        if self.report_to != "none":
+            self.accelerator.end_training()

@@ -1,20 +1,64 @@
-"""What a training flavour contributes to the shared loop: the model, what is trainable, batch -> loss, and
-what is saved. Full training is the base; LoRA, DreamBooth, ControlNet and LCM override pieces of it."""
+"""What a training flavour contributes to the shared loop (`diffusion/train/core.py`): the data, the model, what is
+trainable, the modules the loss needs besides the model, batch -> loss, and what a checkpoint stores. Full
+training is the base class; LoRA, DreamBooth, ControlNet and LCM override pieces of it, never the loop."""
 from diffusion.data.latents import posterior_feature, sample_latent
 from diffusion.model.builder import VAE_DOWNSAMPLE, build_model_from_config
+from diffusion.train.data import build_train_data
 from diffusion.train.randomness import draw_for_samples
+from diffusion.utils.checkpoint import load_state_dict_into
 
 
 class TrainingFlavour:
-    """Full training of every parameter with the IDDPM loss (the paper's recipe)."""
+    """Full training of every parameter with the IDDPM loss (the paper's recipe).
 
-    name = "full"
+    The core calls the hooks in this order: `build_data`; `build_model`, then the `--load-from` weights, then
+    `wrap_model`; on resume `load_weights`; `averaged_copies` and `frozen_modules`; `trainable_parameters` (after
+    FSDP has wrapped the model, before DDP wraps it); `loss` for every micro-batch; on save `weights_to_save` and
+    `extra_state`, on resume `load_extra_state`. The core keeps the model's EMA (`state_dict_ema`), updates every
+    averaged copy after each optimizer step (gathering FSDP shards) and saves and resumes them with the run.
+
+    What each planned flavour will override:
+    - LoRA: `wrap_model` (adapters into the loaded model, every base weight frozen), `trainable_parameters` (the
+      adapters), `weights_to_save` / `load_weights` (the adapters only; the base comes from `--load-from` again).
+    - DreamBooth with prior preservation: `build_data` (the instance records plus class images generated before
+      training by the base model, marked per record, in every batch), `loss` (instance loss plus
+      `prior_loss_weight` x class loss, split by that mark); with LoRA also LoRA's hooks.
+    - ControlNet: `wrap_model` (one module: the loaded base, frozen, and a trainable copy of its first blocks with
+      zero-initialised projections, copied after the base's weights are in), `trainable_parameters` (the copy),
+      `loss` (the batch's condition image passed to the model as `c`), `weights_to_save` / `load_weights` (the
+      copy only).
+    - LCM distillation: `frozen_modules` (the teacher: the released model loaded from its file, not copied from
+      the model, so that a resumed run does not take the student for it), `averaged_copies` (the target
+      network, an EMA of the student at its own rate), `loss` (the consistency loss: the teacher's guided skip-step ODE solve from
+      `diffusion`'s alphas, the target network's prediction there, a Huber distance); `extra_state` for anything
+      else its loss carries between steps.
+    """
+
+    name = "full"  # written into checkpoints; a resume under another flavour is refused
+
+    def build_data(self, cfg, rank, world_size, num_workers, device):
+        """The dataset, its resumable batch sampler and loader (a `TrainData`)."""
+        return build_train_data(cfg, rank=rank, world_size=world_size, num_workers=num_workers, device=device)
 
     def build_model(self, cfg):
+        """The architecture; `--load-from` weights are loaded into what this returns."""
         return build_model_from_config(cfg)
 
+    def wrap_model(self, model, cfg):
+        """The module that is trained, built around the model once its `--load-from` weights are in."""
+        return model
+
     def trainable_parameters(self, model):
+        """What the optimizer updates."""
         return [p for p in model.parameters() if p.requires_grad]
+
+    def averaged_copies(self, cfg):
+        """name -> rate of EMA copies of the model besides `state_dict_ema` that the loss uses (none here)."""
+        return {}
+
+    def frozen_modules(self, cfg, device):
+        """name -> module the loss uses and nobody trains, rebuilt at every start, never saved (none here)."""
+        return {}
 
     def latents(self, x, posterior_noise, cfg, vae):
         """Scaled latents from a batch's VAE features (mean and std) or, without features, from images."""
@@ -24,8 +68,9 @@ class TrainingFlavour:
             x = posterior_feature(vae, x)
         return sample_latent(x, cfg.scale_factor, noise=posterior_noise, sample_posterior=cfg.sample_posterior)
 
-    def loss(self, model, diffusion, batch, epoch, cfg, device, vae=None):
-        """Mean IDDPM loss of one micro-batch and the per-sample loss terms."""
+    def loss(self, model, diffusion, batch, epoch, cfg, device, vae=None, companions=None):
+        """Mean IDDPM loss of one micro-batch and the per-sample loss terms. `companions` maps the names of
+        `averaged_copies` and `frozen_modules` to their modules."""
         x, y, mask, data_info = batch
         x, y, mask = x.to(device), y.to(device), mask.to(device)
         if cfg.data.get("load_vae_feat", True):
@@ -40,6 +85,17 @@ class TrainingFlavour:
         terms = diffusion.training_losses(model, latent, draws.timesteps, model_kwargs, noise=draws.noise)
         return terms["loss"].mean(), terms
 
-    def state_dict(self, model):
-        """The weights a checkpoint stores under `state_dict` (everything for full training)."""
-        return model.state_dict()
+    def weights_to_save(self, state_dict):
+        """The part of the model's full state dict a checkpoint stores under `state_dict` (all of it here)."""
+        return state_dict
+
+    def load_weights(self, model, state_dict, source):
+        """Put a checkpoint's `state_dict` (as `weights_to_save` wrote it) back into the model, strictly."""
+        load_state_dict_into(model, state_dict, source=source)
+
+    def extra_state(self):
+        """Whatever else of this flavour a resume needs, as tensors and plain values (nothing here)."""
+        return {}
+
+    def load_extra_state(self, state):
+        """Restore what `extra_state` returned."""

@@ -1,9 +1,11 @@
 """Training checkpoints: what a run needs to continue exactly, written atomically, found again by `auto`.
 
 A checkpoint holds `state_dict`, `state_dict_ema`, `optimizer`, `scheduler` (released key names, SPEC
-section 8), plus `scaler`, `epoch`, `step`, the position in the data order, every rank's RNG states and the
-config text. Files are `work_dir/checkpoints/epoch_{E}_step_{S}.pth`; a name only ever holds a complete file
-(temp file then rename), so an interrupted save leaves the previous checkpoints intact.
+section 8), plus `scaler`, the run state (`epoch`, `step`, the position in the data order, the non-finite
+streak), every rank's RNG states, the config text and `flavour` (its name, EMA copies and own state; checkpoints
+written before it count as full training). Files are `work_dir/checkpoints/epoch_{E}_step_{S}.pth`; a name
+only ever holds a complete file (temp file then rename), so an interrupted save leaves the previous checkpoints
+intact.
 """
 import random
 import re
