@@ -1,4 +1,4 @@
-"""Sampling latency: 20-step DPM-Solver++ with classifier-free guidance (one batch of [uncond; cond]) driving our
+"""Sampling latency: 20-step DPM-Solver++ with classifier-free guidance (one batch of [cond; uncond]) driving our
 PixArt or diffusers' PixArtTransformer2DModel with the same weights, in one process, timed alternately.
 
 The solver, guidance, null caption (our `y_embedding`, given to both) and inputs are shared: diffusers' model
@@ -10,7 +10,6 @@ this project ships no such weights, so by default the table has the transformer 
     python bench/bench_sample.py --preset xl --size 1024       # the XL/2 1024-MS on a GPU, bf16
 """
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `diffusion`, installed or not
@@ -22,6 +21,9 @@ from common import (BASELINE_NAME, DTYPES, MAX_CAPTION_TOKENS, PRESETS, alternat
                     median, micro_conditions, paired_ratio, peak_memory, print_table, resident_bytes, resolve,
                     write_json)
 from diffusion import DPMS
+from diffusion.model.guidance import cfg_inputs, guided_model
+from diffusion.release import VAE_DOWNSAMPLE
+from diffusion.sampling import sample_dpm_solver
 
 CFG_SCALE = 4.5
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 4k"
@@ -35,15 +37,26 @@ def diffusers_adapter(theirs, in_channels, dtype):
     return forward
 
 
-def sampler(forward, null_caption, data_info, steps, context=nullcontext):
-    """`sample(z, y, mask)`: the DPM-Solver++ (2nd-order multistep, time-uniform grid) from noise z, run inside
-    `context()` (our model's `caption_cache`, as `Sampler.sample` uses it)."""
+def sampler(forward, null_caption, data_info, steps):
+    """`sample(z, y, mask)`: the DPM-Solver++ (2nd-order multistep, time-uniform grid) from noise z through the
+    official `DPMS` facade, which hands the raw caption features to the model at every step."""
     def sample(z, y, mask):
-        solver = DPMS(forward, condition=y, uncondition=null_caption, cfg_scale=CFG_SCALE,
+        solver = DPMS(forward, condition=y, uncondition=null_caption.expand(len(y), -1, -1), cfg_scale=CFG_SCALE,
                       model_kwargs=dict(mask=mask, data_info=data_info))
-        with context():
-            return solver.sample(z, steps=steps, order=2, skip_type="time_uniform", method="multistep",
-                                 progress=False)
+        return solver.sample(z, steps=steps, order=2, skip_type="time_uniform", method="multistep",
+                             progress=False)
+    return sample
+
+
+def pipeline_sampler(model, data_info, steps):
+    """`sample(z, y, mask)` as `Pipeline.sample` runs it: the [cond; uncond] captions encoded once
+    (`encode_captions`: projection and every block's keys and values), then the registered DPM-Solver++."""
+    def sample(z, y, mask):
+        null = model.y_embedder.y_embedding[None].expand(len(y), -1, -1).to(y.dtype)
+        cond = dict(y=y, mask=mask, data_info=data_info)
+        inputs = cfg_inputs(cond, dict(cond, y=null), len(y))
+        inputs["y"] = model.encode_captions(inputs["y"], inputs.pop("mask"))
+        return sample_dpm_solver(guided_model(model, inputs, CFG_SCALE), z, steps)
     return sample
 
 
@@ -72,7 +85,7 @@ def run(args):
     if theirs is not None:
         theirs.eval()
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    latent = args.size // 8
+    latent = args.size // VAE_DOWNSAMPLE
     z = torch.randn(batch, 4, latent, latent, generator=gen, device=args.device)
     y, mask = caption_batch(batch, args.caption_len, args.device, dtype, gen, args.caption_channels)
     mask[:] = mask[0]  # every prompt of the batch as long as --caption-len
@@ -84,10 +97,10 @@ def run(args):
         forwards[BASELINE_NAME] = base.eval().forward_with_dpmsolver
     if theirs is not None:
         forwards["diffusers"] = diffusers_adapter(theirs, ours.in_channels, dtype)
-    # The caption cache is one of our speed-ups: the options-off model samples without it.
-    contexts = {"ours": nullcontext if args.baseline else ours.caption_cache}
-    samplers = {name: sampler(fn, null, info, args.steps, contexts.get(name, nullcontext))
-                for name, fn in forwards.items()}
+    # Encoding the captions once is one of our speed-ups: the options-off model samples without it.
+    samplers = {name: sampler(fn, null, info, args.steps) for name, fn in forwards.items()}
+    if not args.baseline:
+        samplers["ours"] = pipeline_sampler(ours, info, args.steps)
 
     agreement = None
     if theirs is not None:

@@ -20,6 +20,7 @@ from common import (BASELINE_NAME, DTYPES, PRESETS, alternate, build_baseline, b
                     max_rel_error, median, micro_conditions, mse_eps_loss, paired_ratio, peak_memory, print_table,
                     resident_bytes, resolve, write_json)
 from diffusion.model.gaussian_diffusion import get_named_beta_schedule
+from diffusion.release import VAE_DOWNSAMPLE
 
 GRAD_CLIP = 0.01  # the released configs' clip value
 
@@ -27,7 +28,7 @@ GRAD_CLIP = 0.01  # the released configs' clip value
 def make_batch(args, batch):
     """Noised latents x_t at random timesteps (linear schedule, 1000 steps), their noise, captions, mask."""
     gen = torch.Generator(device=args.device).manual_seed(args.seed + 1)
-    latent = args.size // 8
+    latent = args.size // VAE_DOWNSAMPLE
     x0 = torch.randn(batch, 4, latent, latent, generator=gen, device=args.device)
     noise = torch.randn(x0.shape, generator=gen, device=args.device)
     t = torch.randint(0, 1000, (batch,), generator=gen, device=args.device)

@@ -17,20 +17,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion.model.nets import PixArt, PixArtMS
+from diffusion.release import DTYPES, T5_CHANNELS, T5_TOKENS, VAE_DOWNSAMPLE, XL_2_SHAPE, released_lewei_scale
 from diffusion.utils.diffusers_interop import architecture_of, build_diffusers_model, pixart_to_diffusers
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-XL_2 = dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2)
 PRESETS = {
     # Mid-size model that runs the whole CPU benchmark in a few minutes on 2 cores: 256 px -> latent 32 ->
     # 256 tokens with patch 2; the real caption width (4096) and length (120).
     "cpu": dict(model=dict(depth=8, hidden_size=384, num_heads=6, patch_size=2), size=256, batch=8,
                 sample_batch=1, device="cpu", dtype="fp32"),
     # The released XL/2 (0.6B); 1024 px builds the multi-scale model like the released 1024-MS checkpoint.
-    "xl": dict(model=XL_2, size=1024, batch=8, sample_batch=1, device="cuda", dtype="bf16"),
+    "xl": dict(model=XL_2_SHAPE, size=1024, batch=8, sample_batch=1, device="cuda", dtype="bf16"),
 }
-CAPTION_CHANNELS = 4096
-MAX_CAPTION_TOKENS = 120
+CAPTION_CHANNELS = T5_CHANNELS
+MAX_CAPTION_TOKENS = T5_TOKENS
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -71,8 +70,8 @@ def resolve(args):
     args.size = args.size or preset["size"]
     args.dtype = args.dtype or preset["dtype"]
     args.shape = dict(preset["model"])
-    if args.size % 8 or (args.size // 8) % args.shape["patch_size"]:
-        raise SystemExit(f"--size {args.size} must be a multiple of {8 * args.shape['patch_size']}")
+    if args.size % VAE_DOWNSAMPLE or (args.size // VAE_DOWNSAMPLE) % args.shape["patch_size"]:
+        raise SystemExit(f"--size {args.size} must be a multiple of {VAE_DOWNSAMPLE * args.shape['patch_size']}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not 1 <= args.caption_len <= MAX_CAPTION_TOKENS:
@@ -106,7 +105,7 @@ def _construct(args, options):
     """Our PixArt (PixArtMS at >= 1024 px, like the released checkpoints) on the device, freshly initialised."""
     cls = PixArtMS if args.size >= 1024 else PixArt
     with torch.device(args.device):
-        return cls(input_size=args.size // 8, lewei_scale=2.0 if args.size >= 1024 else 1.0,
+        return cls(input_size=args.size // VAE_DOWNSAMPLE, lewei_scale=released_lewei_scale(args.size),
                    caption_channels=args.caption_channels, model_max_length=MAX_CAPTION_TOKENS,
                    grad_checkpointing=args.grad_ckpt, **args.shape, **options)
 
@@ -237,7 +236,7 @@ def forward_flops(model, args, batch=1):
     same number for both implementations). Attention runs through SDPA's math path while counting, since
     the fused CPU kernel has no FLOP formula."""
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    latent = args.size // 8
+    latent = args.size // VAE_DOWNSAMPLE
     x = torch.randn(batch, 4, latent, latent, generator=gen, device=args.device).to(DTYPES[args.dtype])
     y, _ = caption_batch(batch, MAX_CAPTION_TOKENS, args.device, DTYPES[args.dtype], gen, args.caption_channels)
     t = torch.full((batch,), 500.0, device=args.device)

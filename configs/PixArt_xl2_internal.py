@@ -13,13 +13,12 @@ data = dict(
     transform='default_train',  # image transform name
     load_vae_feat=True,  # read pre-extracted VAE features instead of encoding images
     load_t5_feat=True,  # read pre-extracted T5 features (False: the dataset encodes captions with a text encoder)
-    skip_bad_records=False,  # leave out records with missing/corrupt files and report them, instead of stopping
 )
 image_size = 256  # training resolution in pixels (256, 512 or 1024)
 train_batch_size = 32  # images per GPU per step
-eval_batch_size = 16  # images per GPU when sampling for evaluation
+eval_batch_size = 16  # inert, read by nothing (INERT_KEYS): images per GPU when sampling for evaluation
 use_fsdp = False  # shard the model with FSDP instead of DDP
-valid_num = 2000  # number of validation samples
+valid_num = 2000  # inert, read by nothing (INERT_KEYS): number of validation samples
 num_workers = 4  # DataLoader worker processes per GPU
 
 # ---------------------------------------------------------------- model
@@ -41,14 +40,14 @@ learn_sigma = True  # train the variance with the variational-bound loss term
 
 # ---------------------------------------------------------------- diffusion
 train_sampling_steps = 1000  # diffusion steps used in training
-eval_sampling_steps = 250  # sampler steps used for evaluation images
+eval_sampling_steps = 250  # inert, read by nothing (INERT_KEYS): sampler steps used for evaluation images
 snr_loss = False  # the reference snr_loss: x0-space MSE for timesteps <= 249, eps MSE above
 min_snr_gamma = None  # e.g. 5.0: min-SNR-gamma loss weighting (Hang et al. 2023); None: the paper's plain MSE
 cfg_scale = 4.0  # guidance scale for evaluation images (released as 4; a float so 4.5 validates)
-mask_type = 'null'  # token masking strategy ('null' = no masking)
-num_group_tokens = 0  # grouped mask tokens (0 = off)
-mask_loss_coef = 0.  # weight of the masked-token loss
-load_mask_index = False  # read precomputed mask indices from the dataset
+mask_type = 'null'  # inert, read by nothing (INERT_KEYS): token masking strategy ('null' = no masking)
+num_group_tokens = 0  # inert, read by nothing (INERT_KEYS): grouped mask tokens (0 = off)
+mask_loss_coef = 0.  # inert, read by nothing (INERT_KEYS): weight of the masked-token loss
+load_mask_index = False  # inert, read by nothing (INERT_KEYS): read precomputed mask indices from the dataset
 
 # ---------------------------------------------------------------- optimisation
 num_epochs = 80  # training epochs
@@ -78,7 +77,7 @@ resume_from = dict(  # checkpoint to resume a run from (weights, optimiser, sche
     resume_optimizer=True,  # restore the optimiser state
     resume_lr_scheduler=True,  # restore the lr scheduler state
 )
-save_image_epochs = 1  # epochs between evaluation image dumps
+save_image_epochs = 1  # inert, read by nothing (INERT_KEYS): epochs between evaluation image dumps
 save_model_epochs = 1  # epochs between checkpoints
 save_model_steps = 1000000  # steps between checkpoints
 max_steps = None  # run exactly this many optimizer steps (however many epochs), then checkpoint; None = num_epochs
@@ -88,6 +87,6 @@ eval_interval = 0  # steps between validation grids of validation_prompts in wor
 validation_prompts = []  # prompts sampled with the EMA weights every eval_interval steps
 validation_steps = 20  # DPM-Solver++ steps for the validation grids
 log_interval = 50  # steps between log lines
-tensorboard_mox_interval = 50  # steps between tensorboard syncs to remote storage
+tensorboard_mox_interval = 50  # inert, read by nothing (INERT_KEYS): steps between tensorboard syncs to remote storage
 work_dir = '/cache/exps/'  # output directory for checkpoints and logs
-s3_work_dir = None  # remote copy of work_dir (None = none)
+s3_work_dir = None  # inert, read by nothing (INERT_KEYS): remote copy of work_dir (None = none)

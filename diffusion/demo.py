@@ -40,7 +40,7 @@ PIXELATED_CSS = "#gallery img { image-rendering: pixelated; image-rendering: cri
 
 def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None, default_sampler="DPM-Solver",
                default_guidance=4.5):
-    """A gr.Blocks app sampling with `sampler` (a diffusion.pipeline.Sampler) and `text_encoder` (T5Embedder).
+    """A gr.Blocks app sampling with `sampler` (a diffusion.pipeline.Pipeline) and `text_encoder` (T5Embedder).
     examples: prompts offered as clickable examples; note: markdown shown under the title (e.g. the only vocabulary a
     toy model knows); default_sampler: a SAMPLER_CHOICES label."""
     if default_sampler not in SAMPLER_CHOICES:

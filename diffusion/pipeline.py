@@ -13,16 +13,23 @@ from pathlib import Path
 
 import torch
 
-from diffusion import DPMS, IDDPM, SASolverSampler
 from diffusion.data.aspect_ratios import aspect_ratio_table, closest_bucket
-from diffusion.lcm_scheduler import LCMScheduler
-from diffusion.model.builder import VAE_DOWNSAMPLE, build_model, build_model_from_config
-from diffusion.model.nets import PixArtMS
+from diffusion.model.builder import build_model, build_model_from_config, is_multi_scale
+from diffusion.model.guidance import cfg_inputs, guided_model
+from diffusion.model.t5 import T5Embedder
+from diffusion.release import (
+    RELEASED_T5_DIR,
+    RELEASED_VAE_DIR,
+    SD_VAE_SCALE_FACTOR,
+    VAE_DOWNSAMPLE,
+    released_lewei_scale,
+    released_model_name,
+)
+from diffusion.sampling import SAMPLERS as SAMPLER_REGISTRY, get_sampler
 from diffusion.utils.checkpoint import CheckpointError, load_state_dict_into, read_checkpoint, state_dict_of
 
-SAMPLERS = ("dpm-solver", "sa-solver", "iddpm", "lcm")
-DEFAULT_STEPS = {"dpm-solver": 20, "sa-solver": 25, "iddpm": 100, "lcm": 4}
-RELEASED_LEWEI_SCALE = {256: 1.0, 512: 1.0, 1024: 2.0}
+SAMPLERS = tuple(SAMPLER_REGISTRY)
+DEFAULT_STEPS = {name: spec.default_steps for name, spec in SAMPLER_REGISTRY.items()}
 _SIZE_FLAG = re.compile(r"\s--(ar|aspect_ratio|hw)\s+(\d+(?:\.\d+)?):(\d+(?:\.\d+)?)\s*$")
 _ANY_SIZE_FLAG = re.compile(r"\s--(ar|aspect_ratio|hw)\b")
 
@@ -92,23 +99,22 @@ def load_transformer(model_path, config=None, image_size=None, use_ema=True):
         if config is not None:
             model = build_model_from_config(config, grad_checkpointing=False)
         elif image_size is not None:
-            if image_size not in RELEASED_LEWEI_SCALE:
-                raise ValueError(f"image_size {image_size} is not a released model (256, 512, 1024); give --config")
-            name = "PixArtMS_XL_2" if image_size == 1024 else "PixArt_XL_2"
-            model = build_model(name, input_size=image_size // VAE_DOWNSAMPLE,
-                                lewei_scale=RELEASED_LEWEI_SCALE[image_size])
+            model = build_model(released_model_name(image_size), input_size=image_size // VAE_DOWNSAMPLE,
+                                lewei_scale=released_lewei_scale(image_size))
         else:
-            raise ValueError("give a config or an image size to describe the model of a checkpoint file")
+            raise ValueError(f"{path} is a checkpoint file: give a config or a released image size to describe "
+                             "its model")
         checkpoint = read_checkpoint(path)  # read once: released XL files are 2.4 GB
         state_dict = state_dict_of(checkpoint, path, use_ema=use_ema and "state_dict_ema" in checkpoint)
     load_state_dict_into(model, state_dict, source=str(path))
     return model.eval().requires_grad_(False)
 
 
-class Sampler:
-    """Samples images from prompts with a loaded transformer, T5 encoder and VAE."""
+class Pipeline:
+    """Text to image with a loaded transformer, VAE and (until freed) T5 encoder: `sample(features, ...)`."""
 
-    def __init__(self, model, vae, text_encoder=None, scale_factor=0.18215, device="cpu", dtype=torch.float32):
+    def __init__(self, model, vae, text_encoder=None, scale_factor=SD_VAE_SCALE_FACTOR, device="cpu",
+                 dtype=torch.float32):
         self.model = model.to(device=device, dtype=dtype)
         self.vae = vae.to(device).eval()
         self.text_encoder = text_encoder
@@ -116,12 +122,20 @@ class Sampler:
         self.device = torch.device(device)
         self.dtype = dtype
         self.image_size = model.input_size * VAE_DOWNSAMPLE
-        self.multi_scale = isinstance(model, PixArtMS)
+        self.multi_scale = is_multi_scale(model)
+
+    def to(self, device):
+        """Move the transformer and the VAE (not T5) to `device`: load on the CPU, encode the prompts, free T5,
+        then move, and T5 and the transformer never share the GPU."""
+        self.model.to(device)
+        self.vae.to(device)
+        self.device = torch.device(device)
+        return self
 
     def encode(self, prompts):
         """T5 features and masks of prompts, moved to the model's device."""
         if self.text_encoder is None:
-            raise ValueError("this Sampler has no text encoder (it was freed); pass caption features instead")
+            raise ValueError("this Pipeline has no text encoder (it was freed); pass caption features instead")
         features, mask = self.text_encoder.get_text_embeddings(list(prompts))
         return features.to(self.device, self.dtype), mask.to(self.device)
 
@@ -133,61 +147,39 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, features, mask, height, width, seeds, sampler="dpm-solver", steps=None, cfg_scale=4.5,
-               negative=None, cfg_compat="fixed", progress=None):
+               negative=None, cfg_compat="fixed", progress=None, extra_inputs=None):
         """Images (B, 3, H, W) in [0, 1] for caption features (B, L, C) of one size.
 
         negative: optional (features (1|B, L, C), mask (1|B, L)) used as the unconditional caption instead of
-        the null caption; progress: callable(step, total) or None."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        steps = steps or DEFAULT_STEPS[sampler]
+        the null caption; cfg_compat="official": the reference's `forward_with_cfg` guidance for IDDPM (SPEC
+        section 9); progress: callable(step, total) or None; extra_inputs: further per-sample model inputs by
+        name (batch B), given to both halves of a guided batch."""
+        spec = get_sampler(sampler)
+        steps = steps or spec.default_steps
         B = features.shape[0]
         latent_hw = (height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE)
-        channels = self.model.in_channels
-        noise = torch.stack([torch.randn(channels, *latent_hw, generator=torch.Generator().manual_seed(int(s)))
-                             for s in seeds]).to(self.device, self.dtype)
+        noise = torch.stack([torch.randn(self.model.in_channels, *latent_hw,
+                                         generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        noise = noise.to(self.device, self.dtype)
         data_info = {"img_hw": torch.tensor([[float(height), float(width)]] * B, device=self.device),
                      "aspect_ratio": torch.tensor([[height / width]] * B, device=self.device)}
-        if negative is not None:
-            uncond, uncond_mask = (t.expand(B, *t.shape[1:]) for t in negative)
-            uncond = uncond.to(self.device, self.dtype)
-        else:
-            uncond = self.model.y_embedder.y_embedding[None].expand(B, -1, -1).to(self.dtype)
-            uncond_mask = mask
-        # guided solvers run one [uncond; cond] batch; at scale 1 they run the prompts alone, with their masks
-        guided_mask = torch.cat([uncond_mask.to(self.device), mask]) if cfg_scale != 1.0 else mask
-        model_kwargs = dict(data_info=data_info, mask=guided_mask)
-        # Every step reuses the caption projection and the blocks' keys and values.
-        with self.model.caption_cache():
-            callback = _StepCounter(progress, steps)
-            if sampler == "dpm-solver":
-                solver = DPMS(callback.wrap(self.model.forward_with_dpmsolver), features, uncond, cfg_scale,
-                              model_kwargs)
-                latents = solver.sample(noise, steps=steps, order=2, skip_type="time_uniform", method="multistep",
-                                        progress=False)
-            elif sampler == "sa-solver":
-                solver = SASolverSampler(callback.wrap(self.model.forward_with_dpmsolver), device=self.device)
-                latents = solver.sample(steps, B, noise.shape[1:], conditioning=features,
-                                        unconditional_conditioning=uncond, unconditional_guidance_scale=cfg_scale,
-                                        eta=1.0,  # the official scripts' value; the facade's default is 0
-                                        model_kwargs=model_kwargs, x_T=noise, generator=[int(s) for s in seeds],
-                                        progress=False)[0]
-            elif sampler == "iddpm":
-                diffusion = IDDPM(str(steps))
-                # forward_with_cfg takes [cond; uncond] captions and masks
-                kwargs = dict(y=torch.cat([features, uncond]), cfg_scale=cfg_scale, cfg_compat=cfg_compat,
-                              data_info={k: torch.cat([v, v]) for k, v in data_info.items()},
-                              mask=torch.cat([mask, uncond_mask.to(self.device)]))
-                latents = diffusion.p_sample_loop(
-                    callback.wrap(self.model.forward_with_cfg), (2 * B, *noise.shape[1:]), torch.cat([noise, noise]),
-                    clip_denoised=False, model_kwargs=kwargs, device=self.device, progress=False,
-                    generator=[int(s) for s in seeds] * 2)[:B]
+        cond = dict(y=features, mask=mask.to(self.device), data_info=data_info, **(extra_inputs or {}))
+        scale = cfg_scale if spec.guided else 1.0
+        # The released scripts guide only IDDPM through forward_with_cfg, so only there is the compat mode theirs.
+        guided_channels, keep_mask = self.model.cfg_compat_options(cfg_compat if sampler == "iddpm" else "fixed")
+        inputs = dict(cond)
+        if scale != 1.0:
+            if negative is not None:
+                uncond_y, uncond_mask = (t.expand(B, *t.shape[1:]).to(self.device) for t in negative)
             else:
-                scheduler = LCMScheduler()
-                model_fn = callback.wrap(self.model)
-                latents = scheduler.sample(model_fn, noise, steps,
-                                           dict(y=features, mask=mask, data_info=data_info),
-                                           generator=[int(s) for s in seeds], progress=False)
+                uncond_y, uncond_mask = self.model.y_embedder.y_embedding[None].expand(B, -1, -1), cond["mask"]
+            inputs = cfg_inputs(cond, dict(cond, y=uncond_y.to(self.dtype), mask=uncond_mask), B)
+        # The caption projection and every block's keys and values, once for all steps.
+        captions = self.model.encode_captions(inputs.pop("y"), inputs.pop("mask") if keep_mask else None)
+        inputs.pop("mask", None)
+        model_fn = guided_model(self.model, dict(inputs, y=captions), scale, guided_channels)
+        model_fn = _StepCounter(progress, steps).wrap(model_fn)
+        latents = spec.fn(model_fn, noise, steps, generator=[int(s) for s in seeds])
         images = self.vae.decode(latents.to(self.vae.dtype) / self.scale_factor).sample
         return ((images.float() + 1) / 2).clamp(0, 1)
 
@@ -218,6 +210,7 @@ def check_prompt_length(text_encoder, prompt):
 
 
 def load_vae(path, device="cpu"):
+    """A diffusers AutoencoderKL in eval mode from a local folder such as sd-vae-ft-ema."""
     from diffusers import AutoencoderKL
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"VAE folder {path} has no config.json: expected a diffusers AutoencoderKL folder "
@@ -225,5 +218,28 @@ def load_vae(path, device="cpu"):
     return AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval().requires_grad_(False)
 
 
+def load_pipeline(model_path, config=None, image_size=None, t5_path=None, vae_path=None, device="cpu",
+                  dtype=torch.float32, t5_device=None, use_ema=True):
+    """A Pipeline holding all a prompt needs: the transformer at `model_path` (read as `load_transformer` reads
+    it, described by the folder, `config` or a released `image_size`), its VAE and its T5 encoder as
+    `pipe.text_encoder` (`pipe.free_text_encoder()` drops T5 once the prompts are encoded).
+
+    The encoder folders are `t5_path` and `vae_path`, else the config's `t5_pretrained` and `vae_pretrained`,
+    else the released layout's (RELEASED_T5_DIR, RELEASED_VAE_DIR); a T5 path may be the folder holding
+    t5-v1_1-xxl/. The latent scale factor is the config's `scale_factor`, else sd-vae-ft-ema's. T5 reads as many
+    tokens as the transformer's null caption has, on `t5_device` (default `device`; 'cpu' leaves the GPU to the
+    transformer). The transformer runs in `dtype` on `device`."""
+    model = load_transformer(model_path, config=config, image_size=image_size, use_ema=use_ema)
+    t5_dir = resolve_t5_dir(t5_path or (config.t5_pretrained if config is not None else RELEASED_T5_DIR))
+    vae_dir = vae_path or (config.vae_pretrained if config is not None else RELEASED_VAE_DIR)
+    text_encoder = T5Embedder(t5_dir, device=t5_device or device, model_max_length=model.model_max_length)
+    if text_encoder.hidden_size != model.caption_channels:
+        raise ValueError(f"T5 folder {t5_dir} gives {text_encoder.hidden_size}-wide caption features; the model "
+                         f"{model_path} reads caption_channels={model.caption_channels}")
+    scale_factor = config.scale_factor if config is not None else SD_VAE_SCALE_FACTOR
+    return Pipeline(model, load_vae(vae_dir, device), text_encoder=text_encoder, scale_factor=scale_factor,
+                   device=device, dtype=dtype)
+
+
 __all__ = ["SAMPLERS", "DEFAULT_STEPS", "PromptError", "PromptJob", "parse_prompt", "resolve_t5_dir",
-           "load_transformer", "Sampler", "check_prompt_length", "load_vae", "CheckpointError"]
+           "load_transformer", "Pipeline", "check_prompt_length", "load_vae", "load_pipeline", "CheckpointError"]

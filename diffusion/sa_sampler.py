@@ -2,9 +2,9 @@
 import torch
 
 from .model.diffusion_utils import make_generator, randn
-from .model.dpm_solver import NoiseScheduleVP, model_wrapper
+from .model.dpm_solver import NoiseScheduleVP, guided_callable
 from .model.gaussian_diffusion import get_named_beta_schedule
-from .model.sa_solver import SASolver
+from .sampling import sample_sa_solver
 
 
 class SASolverSampler:
@@ -38,14 +38,8 @@ class SASolverSampler:
             x_T = randn((batch_size, *shape), generator, device, torch.float32)
         elif tuple(x_T.shape) != (batch_size, *shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {(batch_size, *shape)}")
-        model_fn = model_wrapper(self.model, self.noise_schedule, condition=conditioning,
-                                 uncondition=unconditional_conditioning,
-                                 guidance_scale=unconditional_guidance_scale, model_kwargs=model_kwargs)
-
-        def tau(t):
-            return eta if 0.2 <= t <= 0.8 else 0.0
-
-        samples = SASolver(model_fn, self.noise_schedule).sample(
-            x_T, steps=S, tau=tau, predictor_order=predictor_order, corrector_order=corrector_order,
-            skip_type="time", pc_mode="PEC", generator=generator, progress=progress)
+        model_fn = guided_callable(self.model, conditioning, unconditional_conditioning,
+                                   unconditional_guidance_scale, model_kwargs)
+        samples = sample_sa_solver(model_fn, x_T, S, generator, progress, eta=eta, predictor_order=predictor_order,
+                                   corrector_order=corrector_order, schedule=self.noise_schedule)
         return samples, None

@@ -7,7 +7,7 @@
 
 A prompt may end in `--ar h:w` / `--aspect_ratio h:w` (nearest bucket of a multi-scale model) or `--hw H:W`.
 Prompt i is sampled from seed + i, so an image does not depend on the batch size. T5 encodes every prompt
-first and is freed before the transformer is loaded, so the two never need the GPU together.
+first and is freed before sampling (`--t5_device cpu` keeps it off the GPU altogether).
 """
 import sys
 from pathlib import Path
@@ -22,18 +22,8 @@ import torch
 from torchvision.transforms.functional import to_pil_image
 
 from diffusion.data.errors import DataError
-from diffusion.model.t5 import DTYPES, T5Embedder
-from diffusion.pipeline import (
-    DEFAULT_STEPS,
-    SAMPLERS,
-    PromptError,
-    PromptJob,
-    Sampler,
-    load_transformer,
-    load_vae,
-    parse_prompt,
-    resolve_t5_dir,
-)
+from diffusion.pipeline import DEFAULT_STEPS, SAMPLERS, PromptError, PromptJob, load_pipeline, parse_prompt
+from diffusion.release import DTYPES, RELEASED_IMAGE_SIZES, RELEASED_T5_DIR, RELEASED_VAE_DIR
 from diffusion.utils.checkpoint import CheckpointError
 from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
 from diffusion.utils.fileio import save_png
@@ -48,13 +38,13 @@ def parse_args(argv=None):
     parser.add_argument("--config", help="config describing the model, T5, VAE and scale factor (instead of "
                                          "--image_size, for models other than the released ones)")
     add_cfg_options_argument(parser)
-    parser.add_argument("--image_size", type=int, choices=(256, 512, 1024),
+    parser.add_argument("--image_size", type=int, choices=RELEASED_IMAGE_SIZES,
                         help="released XL/2 model at this size (1024 = the multi-scale model)")
     parser.add_argument("--t5_path", help="T5 encoder folder (or its parent holding t5-v1_1-xxl/); default: the "
-                                          "config's t5_pretrained, else output/pretrained_models/t5_ckpts")
+                                          f"config's t5_pretrained, else {RELEASED_T5_DIR}")
     parser.add_argument("--vae_path", "--tokenizer_path", dest="vae_path",
                         help="VAE (diffusers AutoencoderKL) folder; --tokenizer_path is the reference's name for it. "
-                             "Default: the config's vae_pretrained, else output/pretrained_models/sd-vae-ft-ema")
+                             f"Default: the config's vae_pretrained, else {RELEASED_VAE_DIR}")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--txt_file", help="a text file with one prompt per line (blank lines ignored)")
     parser.add_argument("--negative_prompt", default="",
@@ -111,29 +101,20 @@ def run(args):
     cfg = load_config(args.config, args.cfg_options) if args.config else None
     if cfg is None and args.image_size is None and not Path(args.model_path).is_dir():
         raise ValueError("give --image_size (released models) or --config to describe the model")
-    t5_path = resolve_t5_dir(args.t5_path or (cfg.t5_pretrained if cfg else "output/pretrained_models/t5_ckpts"))
-    vae_path = args.vae_path or (cfg.vae_pretrained if cfg else "output/pretrained_models/sd-vae-ft-ema")
-    max_length = cfg.model_max_length if cfg else 120
     prompts = read_prompts(args)
-
-    model = load_transformer(args.model_path, config=cfg, image_size=args.image_size, use_ema=not args.no_ema)
-    image_size = model.input_size * 8
-    multi_scale = hasattr(model, "csize_embedder")
+    # Load on the CPU, encode every prompt with T5 (on --t5_device), free T5, then move the transformer to the
+    # device: the two never share the GPU.
+    pipe = load_pipeline(args.model_path, config=cfg, image_size=args.image_size, t5_path=args.t5_path,
+                         vae_path=args.vae_path, device="cpu", dtype=DTYPES[args.dtype],
+                         t5_device=args.t5_device or args.device, use_ema=not args.no_ema)
     jobs = []
     for i, text in enumerate(prompts):
-        prompt, height, width = parse_prompt(text, image_size, multi_scale)
+        prompt, height, width = parse_prompt(text, pipe.image_size, pipe.multi_scale)
         jobs.append(PromptJob(prompt, height, width, args.seed + i))
-
-    # T5 first, alone: encode everything, then free it before the transformer takes the device.
-    t5 = T5Embedder(t5_path, device=args.t5_device or args.device, model_max_length=max_length)
-    encoded = [t5.get_text_embeddings([job.prompt]) for job in jobs]
-    negative = t5.get_text_embeddings([args.negative_prompt]) if args.negative_prompt else None
-    del t5
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-    sampler = Sampler(model, load_vae(vae_path, args.device), scale_factor=cfg.scale_factor if cfg else 0.18215,
-                      device=args.device, dtype=DTYPES[args.dtype])
+    encoded = [pipe.text_encoder.get_text_embeddings([job.prompt]) for job in jobs]
+    negative = pipe.text_encoder.get_text_embeddings([args.negative_prompt]) if args.negative_prompt else None
+    pipe.free_text_encoder()
+    pipe.to(args.device)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = args.step or DEFAULT_STEPS[args.sampling_algo]
@@ -147,7 +128,7 @@ def run(args):
                 features = torch.cat([encoded[i][0] for i in members]).to(args.device)
                 mask = torch.cat([encoded[i][1] for i in members]).to(args.device)
                 neg = None if negative is None else tuple(t.to(args.device) for t in negative)
-                images = sampler.sample(features, mask, size[0], size[1], [jobs[i].seed for i in members],
+                images = pipe.sample(features, mask, size[0], size[1], [jobs[i].seed for i in members],
                                         args.sampling_algo, steps, args.cfg_scale, negative=neg,
                                         cfg_compat=args.cfg_compat)
                 for i, image in zip(members, images):

@@ -15,8 +15,8 @@ import argparse
 
 import torch
 
-from diffusion.model.t5 import DTYPES, T5Embedder
-from diffusion.pipeline import Sampler, load_transformer, load_vae, resolve_t5_dir
+from diffusion.pipeline import load_pipeline
+from diffusion.release import DTYPES, RELEASED_IMAGE_SIZES, RELEASED_T5_DIR, RELEASED_VAE_DIR
 from diffusion.train.state import list_checkpoints
 from diffusion.utils.checkpoint import CheckpointError
 from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
@@ -33,10 +33,12 @@ def parse_args(argv=None):
     add_cfg_options_argument(parser)
     parser.add_argument("--model_path", help=f"checkpoint or diffusers folder (default with the toy config: the "
                                              f"newest checkpoint in {TOY_WORK_DIR}/checkpoints)")
-    parser.add_argument("--image_size", type=int, choices=(256, 512, 1024), help="released XL/2 model at this size")
-    parser.add_argument("--t5_path", help="T5 folder (default: the config's t5_pretrained)")
+    parser.add_argument("--image_size", type=int, choices=RELEASED_IMAGE_SIZES,
+                        help="released XL/2 model at this size (1024 = the multi-scale model)")
+    parser.add_argument("--t5_path", help="T5 folder (or its parent holding t5-v1_1-xxl/); default: the config's "
+                                          f"t5_pretrained, else {RELEASED_T5_DIR}")
     parser.add_argument("--vae_path", "--tokenizer_path", dest="vae_path",
-                        help="VAE folder (default: the config's vae_pretrained)")
+                        help=f"VAE folder (default: the config's vae_pretrained, else {RELEASED_VAE_DIR})")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
@@ -63,14 +65,10 @@ def build(args):
     model_path = args.model_path or (newest_checkpoint(TOY_WORK_DIR) if config_path == TOY_CONFIG else None)
     if model_path is None:
         raise ValueError("give --model_path")
-    model = load_transformer(model_path, config=cfg, image_size=args.image_size)
-    t5_path = resolve_t5_dir(args.t5_path or (cfg.t5_pretrained if cfg else "output/pretrained_models/t5_ckpts"))
-    vae_path = args.vae_path or (cfg.vae_pretrained if cfg else "output/pretrained_models/sd-vae-ft-ema")
-    text_encoder = T5Embedder(t5_path, device=args.t5_device or args.device,
-                              model_max_length=cfg.model_max_length if cfg else 120)
-    sampler = Sampler(model, load_vae(vae_path, args.device), scale_factor=cfg.scale_factor if cfg else 0.18215,
-                      device=args.device, dtype=DTYPES[args.dtype])
-    return sampler, text_encoder, model_path, toy_demo_options(cfg)
+    pipe = load_pipeline(model_path, config=cfg, image_size=args.image_size, t5_path=args.t5_path,
+                         vae_path=args.vae_path, device=args.device, dtype=DTYPES[args.dtype],
+                         t5_device=args.t5_device)
+    return pipe, pipe.text_encoder, model_path, toy_demo_options(cfg)
 
 
 def toy_demo_options(cfg):
@@ -90,11 +88,11 @@ def toy_demo_options(cfg):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        sampler, text_encoder, model_path, demo_options = build(args)
+        pipe, text_encoder, model_path, demo_options = build(args)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     from diffusion.demo import build_demo
-    demo = build_demo(sampler, text_encoder, title=f"PixArt-α demo ({Path(model_path).name})", **demo_options)
+    demo = build_demo(pipe, text_encoder, title=f"PixArt-α demo ({Path(model_path).name})", **demo_options)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     print(f"serving {model_path} on http://{args.host}:{args.port}", flush=True)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)

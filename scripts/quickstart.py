@@ -163,8 +163,7 @@ def train_toy(cfg, work_dir):
 
 def sample_and_score(cfg, trained, dataset, out, args):
     from diffusion.data.toy_shapes import MANIFEST, alignment_report, parse_caption
-    from diffusion.model.t5 import T5Embedder
-    from diffusion.pipeline import Sampler, load_transformer, load_vae
+    from diffusion.pipeline import load_pipeline
     from torchvision.transforms.functional import to_pil_image
 
     per_split = args.num_prompts // 2
@@ -172,15 +171,14 @@ def sample_and_score(cfg, trained, dataset, out, args):
     cfg_scale = cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale
     prompts = {split: [r["prompt"] for r in json.loads((dataset / "partition" / f"{split}_info.json").read_text())][:per_split]
                for split in ("val", "unseen")}
-    model = load_transformer(trained["checkpoint"], config=cfg)
-    t5 = T5Embedder(REPO / cfg.t5_pretrained, model_max_length=cfg.model_max_length)
-    sampler = Sampler(model, load_vae(REPO / cfg.vae_pretrained), scale_factor=cfg.scale_factor)
+    pipe = load_pipeline(trained["checkpoint"], config=cfg, t5_path=REPO / cfg.t5_pretrained,
+                         vae_path=REPO / cfg.vae_pretrained)
     held_out = json.loads((dataset / MANIFEST).read_text())["held_out_pairs"]
     images, scores = {}, {}
     for row, (split, texts) in enumerate(prompts.items()):
-        features, mask = t5.get_text_embeddings(texts)
+        features, mask = pipe.text_encoder.get_text_embeddings(texts)
         seeds = [SEED_STRIDE * row + i for i in range(len(texts))]  # every image of the grid has its own noise
-        batch = sampler.sample(features, mask, cfg.image_size, cfg.image_size, seeds, args.sampler, steps, cfg_scale)
+        batch = pipe.sample(features, mask, cfg.image_size, cfg.image_size, seeds, args.sampler, steps, cfg_scale)
         images[split] = [to_pil_image(image) for image in batch]
         scores[split] = alignment_report(images[split], [parse_caption(t) for t in texts], held_out)
     write_labelled_grid({k: v[:GRID_COLUMNS] for k, v in images.items()},

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from diffusion.data import paths
+from diffusion.data.datasets import InternalData, InternalDataMS
 from diffusion.data.extract import FeatureExtractor
-from diffusion.data.records import load_dataset_records
 
 MAX_LENGTH, CHANNELS = 6, 8
 # (height, width) of the test images: square, wide, tall and nearly square
@@ -62,9 +62,12 @@ def tiny_vae(seed=0):
                          norm_num_groups=4, sample_size=64).eval()
 
 
-def extractor(root, text_encoder=None, vae=None, json_names=('data_info.json',), image_size=64, table=None,
+def extractor(root, text_encoder=None, vae=None, json_names=('data_info.json',), image_size=64, buckets=None,
               **kwargs):
-    records = load_dataset_records(root, list(json_names), 'json')
-    return FeatureExtractor(root, records, text_encoder=text_encoder, vae=vae, image_size=image_size,
-                            bucket_table=table, max_length=MAX_LENGTH, caption_channels=CHANNELS, batch_size=4,
-                            progress=False, **kwargs), records
+    """A FeatureExtractor of the InternalData at `root` (InternalDataMS on the table named `buckets`), and its
+    records."""
+    options = dict(image_list_json=list(json_names), resolution=image_size, max_length=MAX_LENGTH,
+                   caption_channels=CHANNELS)
+    dataset = InternalDataMS(root, aspect_ratio_type=buckets, **options) if buckets else InternalData(root, **options)
+    return FeatureExtractor(dataset, text_encoder=text_encoder, vae=vae, batch_size=4, progress=False,
+                            **kwargs), dataset.records

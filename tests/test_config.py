@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from diffusion.utils.config import ConfigError, FrozenConfig, add_cfg_options_argument, load_config
+from diffusion.utils.config import (
+    INERT_KEYS,
+    ConfigError,
+    FrozenConfig,
+    InertConfigKeyWarning,
+    add_cfg_options_argument,
+    load_config,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 BASE = CONFIGS / 'PixArt_xl2_internal.py'
@@ -120,6 +127,24 @@ def test_int_is_accepted_for_a_float_field():
 def test_none_default_accepts_any_type_and_lists_accept_tuples():
     cfg = load_config(BASE, {'load_from': 'ckpt.pth', 'window_block_indexes': (0, 1)})
     assert cfg.load_from == 'ckpt.pth' and tuple(cfg.window_block_indexes) == (0, 1)
+
+
+def test_a_key_no_code_reads_warns_by_name_when_set_to_another_value(tmp_path, recwarn):
+    load_config(write_child(tmp_path, "valid_num = 2000"))  # the base value: nothing to say
+    assert not [w for w in recwarn if issubclass(w.category, InertConfigKeyWarning)]
+    with pytest.warns(InertConfigKeyWarning, match=r"'valid_num' in .*child.py is 10, but no code reads it"):
+        load_config(write_child(tmp_path, "valid_num = 10"))
+    with pytest.warns(InertConfigKeyWarning, match="'s3_work_dir' from --cfg-options is 's3://x'"):
+        load_config(BASE, {'s3_work_dir': 's3://x'})
+
+
+def test_inert_keys_are_base_keys_that_no_code_reads():
+    repo = CONFIGS.parent
+    code = '\n'.join(p.read_text() for folder in ('diffusion', 'scripts', 'tools') for p in (repo / folder).rglob('*.py'))
+    base = load_config(BASE)
+    for key in INERT_KEYS:
+        assert key in base
+        assert code.count(key) == 1, f'{key} is read somewhere; take it out of INERT_KEYS'  # INERT_KEYS itself
 
 
 def test_missing_config_file_error_names_the_path(tmp_path):

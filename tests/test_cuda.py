@@ -5,7 +5,8 @@ import time
 import pytest
 import torch
 
-from diffusion.model.nets import PixArt, PixArtMS, PixArtMS_XL_2
+from diffusion.model.builder import build_model
+from diffusion.model.nets import PixArt, PixArtMS
 from tests.conftest import tiny_inputs, tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -83,7 +84,8 @@ def test_caption_dropout_draws_on_the_cuda_device():
 
 def test_xl_multiscale_bf16_training_step_at_1024():
     torch.manual_seed(0)
-    model = PixArtMS_XL_2(input_size=128, lewei_scale=2.0, grad_checkpointing=True).to(CUDA).train()
+    model = build_model("PixArtMS_XL_2", use_grad_checkpoint=True, input_size=128,
+                        lewei_scale=2.0).to(CUDA).train()
     batch = 8
     x = torch.randn(batch, 4, 128, 128, device=CUDA)
     y = torch.randn(batch, 120, 4096, device=CUDA)

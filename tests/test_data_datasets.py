@@ -12,13 +12,10 @@ from diffusion.data.aspect_ratios import aspect_ratio_table, closest_bucket
 from diffusion.data.datasets import (
     SAM,
     AspectRatioBatchSampler,
-    BadRecord,
-    BadRecordLog,
     InternalData,
     InternalDataMS,
     build_dataset,
     build_dataset_from_config,
-    collate_skipping_bad_records,
 )
 from diffusion.data.errors import AnnotationError, BadRecordError
 from diffusion.data.latents import posterior_feature, sample_latent
@@ -110,8 +107,10 @@ def test_cache_items_keeps_no_bad_record(extracted):
     missing = paths.vae_feature_path(extracted, 'set/img1.png', 64)
     content = missing.read_bytes()
     missing.unlink()
-    dataset = internal(extracted, cache_items=True, skip_bad_records=True)
-    assert isinstance(dataset[1], BadRecord)
+    dataset = internal(extracted, cache_items=True)
+    with pytest.raises(BadRecordError, match='VAE feature file is missing'):
+        dataset[1]
+    assert 1 not in dataset.cached_items
     missing.write_bytes(content)  # repaired: the next read loads it
     assert torch.is_tensor(dataset[1][0]) and 1 in dataset.cached_items
 
@@ -119,7 +118,7 @@ def test_cache_items_keeps_no_bad_record(extracted):
 def test_multi_scale_dataset_uses_buckets_and_batches_one_bucket(tmp_path, vae):
     root = make_dataset(tmp_path / 'ds')
     table = aspect_ratio_table('ASPECT_RATIO_256')
-    ex, records = extractor(root, HashTextEncoder(), vae, image_size=256, table=table)
+    ex, records = extractor(root, HashTextEncoder(), vae, image_size=256, buckets='ASPECT_RATIO_256')
     ex.run(list(range(len(records))), tmp_path / 'f.jsonl')
     dataset = InternalDataMS(root, image_list_json=['data_info.json'], resolution=256, max_length=MAX_LENGTH,
                              caption_channels=CHANNELS)
@@ -218,27 +217,6 @@ def test_malformed_annotation_names_the_file_and_field(tmp_path, text, message):
     with pytest.raises(AnnotationError, match=message) as err:
         InternalData(tmp_path, image_list_json=['data_info.json'])
     assert 'data_info.json' in str(err.value)
-
-
-def test_skip_bad_records_leaves_them_out_and_reports_them(extracted):
-    paths.vae_feature_path(extracted, 'set/img1.png', 64).unlink()
-    dataset = internal(extracted, skip_bad_records=True)
-    assert isinstance(dataset[1], BadRecord)
-    log = BadRecordLog()
-    sizes = []
-    for x, _, _, info in DataLoader(dataset, batch_size=3, collate_fn=collate_skipping_bad_records):
-        sizes.append(len(x))
-        log.add(info['bad_records'])
-    assert sizes == [2, 3] and len(log) == 1
-    summary = log.summary(epoch=0)
-    assert 'skipped 1 bad record' in summary and 'record 1 (partition/data_info.json record 1)' in summary
-    assert 'VAE feature file is missing' in summary
-
-
-def test_a_batch_of_only_bad_records_has_no_tensors():
-    bad = [BadRecord(0, 'x record 0', 'missing'), BadRecord(1, 'x record 1', 'missing')]
-    x, y, mask, info = collate_skipping_bad_records(bad)
-    assert x is None and y is None and mask is None and info == {'bad_records': bad}
 
 
 # ---------------------------------------------------------------- SAM and the builder

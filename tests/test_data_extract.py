@@ -84,7 +84,7 @@ def test_a_corrupt_image_is_reported_and_the_run_goes_on(tmp_path, vae):
 def test_multi_scale_features_have_their_bucket_size(tmp_path, vae):
     root = make_dataset(tmp_path / 'ds')
     table = aspect_ratio_table('ASPECT_RATIO_256')
-    ex, records = extractor(root, None, vae, image_size=256, table=table)
+    ex, records = extractor(root, None, vae, image_size=256, buckets='ASPECT_RATIO_256')
     summary = ex.run(list(range(len(records))), tmp_path / 'f.jsonl')
     assert summary.counts['vae'].written == len(records) and summary.counts['t5'].written == 0
     for record, (h, w) in zip(records, SIZES):

@@ -10,20 +10,24 @@ from diffusion.data.aspect_ratios import TABLES_FILE, aspect_ratio_table, closes
 from diffusion.data.datasets import InternalData, InternalDataMS
 from diffusion.data.transforms import default_train
 from tests.conftest import SHARED_REF
-from tests.data_fixtures import extractor, make_dataset
+from tests.data_fixtures import CHANNELS, MAX_LENGTH, HashTextEncoder, extractor, make_dataset, tiny_vae
 
 
-def test_extractor_and_datasets_agree_on_every_feature_path(tmp_path):
+def test_extracted_features_are_where_the_datasets_read_them(tmp_path):
     root = make_dataset(tmp_path / 'ds', subdir='deep/er')
-    single = InternalData(root, image_list_json=['data_info.json'], resolution=64)
-    multi = InternalDataMS(root, image_list_json=['data_info.json'], resolution=256)
-    ex_single, records = extractor(root, image_size=64)
-    ex_multi, _ = extractor(root, image_size=256, table=aspect_ratio_table('ASPECT_RATIO_256'))
-    for record in records:
-        assert ex_single.caption_path(record) == paths.caption_feature_path(root, record.path)
-        assert ex_single.vae_path(record) == single.vae_feature_path(record)
-        assert ex_multi.vae_path(record) == multi.vae_feature_path(record)
-        assert ex_single.vae_path(record) != ex_multi.vae_path(record)
+    vae = tiny_vae()
+    for image_size, buckets in ((64, None), (256, 'ASPECT_RATIO_256')):
+        ex, records = extractor(root, HashTextEncoder(), vae, image_size=image_size, buckets=buckets)
+        ex.run(list(range(len(records))), tmp_path / 'failures.jsonl')
+    options = dict(image_list_json=['data_info.json'], max_length=MAX_LENGTH, caption_channels=CHANNELS)
+    single = InternalData(root, resolution=64, **options)
+    multi = InternalDataMS(root, resolution=256, **options)
+    for dataset in (single, multi):
+        for index, record in enumerate(dataset.records):
+            assert dataset.caption_feature_path(record) == paths.caption_feature_path(root, record.path)
+            x = dataset[index][0]  # reads both feature files
+            assert x.shape[1:] == tuple(s // 8 for s in dataset.target_size(index))
+    assert single.vae_feature_path(records[0]) != multi.vae_feature_path(records[0])
 
 
 def test_feature_stems_keep_sub_folders():

@@ -10,7 +10,6 @@ from diffusion import IDDPM
 from diffusion.model.diffusion_utils import discretized_gaussian_log_likelihood, normal_kl
 from diffusion.model.gaussian_diffusion import GaussianDiffusion, get_named_beta_schedule
 from diffusion.model.respace import SpacedDiffusion, space_timesteps
-from diffusion.model.timestep_sampler import sample_timesteps
 
 BETAS = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)   # SPEC section 5, written out
 ABAR = torch.cumprod(1 - BETAS, 0)
@@ -348,12 +347,3 @@ def test_iddpm_factory_maps_its_flags_to_variance_mean_and_loss_types():
     assert IDDPM("", rescale_learned_sigmas=True).loss_type == "rescaled_mse"
     assert IDDPM("", use_kl=True).loss_type == "rescaled_kl"
     assert isinstance(IDDPM("100"), SpacedDiffusion)
-
-
-def test_timestep_sampler_is_uniform_over_all_steps_and_reproducible():
-    first = sample_timesteps(20000, 1000, generator=torch.Generator().manual_seed(0))
-    again = sample_timesteps(20000, 1000, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(first, again) and first.dtype == torch.long
-    assert first.min().item() == 0 and first.max().item() == 999
-    counts = torch.bincount(first // 100, minlength=10).double()
-    assert (counts / 2000 - 1).abs().max() < 0.1  # ten deciles, 2000 expected each

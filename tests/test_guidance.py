@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from diffusion import DPMS, IDDPM, SASolverSampler
+from diffusion.model.guidance import cfg_inputs, guided_model
 from diffusion.model.nets import PixArt, PixArtMS
 from tests.conftest import tiny_inputs, tiny_model
 
@@ -160,3 +161,42 @@ def test_sa_solver_on_pixart_follows_the_reference_trajectory_with_the_same_nois
     with torch.no_grad():
         expected = reference_sa_solver(model_fn, x.clone(), 25, 1.0, draws)
     assert (ours - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
+# ---------------------------------------------------------------- the one guided-model function
+
+def test_guided_model_runs_one_cond_uncond_batch_and_keeps_the_conditional_variance():
+    def model(x, timestep, y, scale_by):
+        return torch.cat([x * y + timestep.view(-1, 1, 1, 1), x - y], dim=1) * scale_by
+    x, cond_y, uncond_y = torch.randn(3, 2, 1, 4, 4)
+    t = torch.tensor([5.0, 7.0])
+    inputs = cfg_inputs(dict(y=cond_y, scale_by=2.0), dict(y=uncond_y, scale_by=2.0), batch_size=2)
+    out = guided_model(model, inputs, SCALE, guided_channels=1)(x, t)
+    cond, uncond = model(x, t, cond_y, 2.0), model(x, t, uncond_y, 2.0)
+    torch.testing.assert_close(out[:, :1], uncond[:, :1] + SCALE * (cond[:, :1] - uncond[:, :1]))
+    torch.testing.assert_close(out[:, 1:], cond[:, 1:])  # unguided channels: the conditional half's
+    torch.testing.assert_close(guided_model(model, dict(y=cond_y, scale_by=2.0))(x, t), cond)  # scale 1: cond only
+
+
+def test_extra_model_inputs_reach_both_halves_by_name():
+    """A ControlNet-style input `c` passes through guidance untouched: no input is recognised by its shape."""
+    seen = []
+
+    def model(x, timestep, y, c):
+        seen.append(c)
+        return x + y + c
+    x, y, null, c = torch.randn(4, 2, 4, 2, 2)
+    guided_model(model, cfg_inputs(dict(y=y, c=c), dict(y=null, c=c), 2), SCALE)(x, torch.zeros(2))
+    assert torch.equal(seen[0], torch.cat([c, c]))
+
+
+def test_cfg_inputs_name_an_input_without_the_batch_and_values_that_differ_between_halves():
+    y = torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"unconditional input 'mask' is \(1, 3\); per-sample inputs need the batch 2"):
+        cfg_inputs(dict(y=y, mask=torch.ones(2, 3)), dict(y=y, mask=torch.ones(1, 3)), 2)
+    with pytest.raises(ValueError, match="input 'lora_scale' is 1.0 for the conditional half and 0.5"):
+        cfg_inputs(dict(y=y, lora_scale=1.0), dict(y=y, lora_scale=0.5), 2)
+    with pytest.raises(ValueError, match="differ in keys"):
+        cfg_inputs(dict(y=y, c=y), dict(y=y), 2)
+    joined = cfg_inputs(dict(y=y, data_info={"img_hw": y[:, :2]}), dict(y=-y, data_info={"img_hw": y[:, :2]}), 2)
+    assert joined["y"].shape == (4, 3) and joined["data_info"]["img_hw"].shape == (4, 2)

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffusion.pipeline import PromptError, parse_prompt
@@ -59,6 +60,20 @@ def test_no_prompt_is_an_error(tiny_pipeline, tmp_path):
         run(tiny_pipeline, tmp_path)
 
 
+def test_load_pipeline_takes_the_encoders_and_scale_factor_of_the_config(tiny_pipeline):
+    from diffusion.pipeline import load_pipeline
+    from diffusion.utils.config import load_config
+    from tests.conftest import REPO
+
+    root, config = tiny_pipeline
+    cfg = load_config(config)
+    sampler = load_pipeline(root / "model.pth", config=cfg)
+    assert (sampler.image_size, sampler.multi_scale, sampler.scale_factor) == (64, False, 1.0)
+    assert sampler.text_encoder.model_max_length == 48  # the model's null caption length
+    with pytest.raises(ValueError, match="gives 128-wide caption features; .* reads caption_channels=32"):
+        load_pipeline(root / "model.pth", config=cfg, t5_path=REPO / "pretrained" / "toy" / "t5")
+
+
 def test_size_flags_of_the_papers_demo():
     assert parse_prompt("a cat --ar 1:2", 1024, True) == ("a cat", 704, 1408)
     assert parse_prompt("a cat --aspect_ratio 2:1", 512, True)[1:] == (704, 352)
@@ -79,14 +94,14 @@ def test_guidance_scale_one_samples_the_prompts_alone(tiny_pipeline, algo):
     import torch
 
     from diffusion.model.t5 import T5Embedder
-    from diffusion.pipeline import Sampler, load_transformer, load_vae
+    from diffusion.pipeline import Pipeline, load_transformer, load_vae
     from diffusion.utils.config import load_config
 
     root, config = tiny_pipeline
     cfg = load_config(config)
     features, mask = T5Embedder(root / "t5", model_max_length=48).get_text_embeddings(
         ["a small red circle on a gray background", "a large blue circle on a gray background"])
-    sampler = Sampler(load_transformer(root / "model.pth", config=cfg), load_vae(root / "vae"), scale_factor=1.0)
+    sampler = Pipeline(load_transformer(root / "model.pth", config=cfg), load_vae(root / "vae"), scale_factor=1.0)
     plain = sampler.sample(features, mask, 64, 64, [1, 2], algo, 3, cfg_scale=1.0)
     other_null = sampler.sample(features, mask, 64, 64, [1, 2], algo, 3, cfg_scale=1.0,
                                 negative=(torch.randn(1, *features.shape[1:]), mask[:1]))
@@ -96,27 +111,45 @@ def test_guidance_scale_one_samples_the_prompts_alone(tiny_pipeline, algo):
     assert (guided - plain).abs().max() > 1e-6  # the random tiny model reads captions only weakly
 
 
-@pytest.mark.parametrize("algo", ["dpm-solver", "sa-solver", "iddpm", "lcm"])
-def test_sampler_projects_the_captions_once_and_samples_as_without_the_cache(tiny_pipeline, algo, monkeypatch):
-    """`Sampler.sample` runs inside the model's caption cache: one caption projection per call, same images."""
-    from contextlib import nullcontext
+class IdentityDecoder:
+    dtype = torch.float32
 
+    def decode(self, z):
+        return type("Decoded", (), {"sample": z})()
+
+
+@pytest.mark.parametrize("algo", ["dpm-solver", "sa-solver", "iddpm", "lcm"])
+def test_sampler_projects_the_captions_once_and_samples_as_with_the_features_every_step(tiny_pipeline, algo):
+    """`Pipeline.sample` encodes the captions once (one caption projection per call); the same registered sampler
+    driven by the raw features, projected at every step, gives the same latents."""
     import torch
 
+    from diffusion.model.guidance import cfg_inputs, guided_model
     from diffusion.model.t5 import T5Embedder
-    from diffusion.pipeline import Sampler, load_transformer, load_vae
+    from diffusion.pipeline import Pipeline, load_transformer, load_vae
+    from diffusion.sampling import get_sampler
     from diffusion.utils.config import load_config
 
     root, config = tiny_pipeline
     features, mask = T5Embedder(root / "t5", model_max_length=48).get_text_embeddings(
         ["a small red circle on a gray background", "a large blue square at the top left on a white background"])
     model = load_transformer(root / "model.pth", config=load_config(config))
-    sampler = Sampler(model, load_vae(root / "vae"), scale_factor=1.0)
+    sampler = Pipeline(model, load_vae(root / "vae"), scale_factor=1.0)
     projections = []
     model.y_embedder.y_proj.register_forward_hook(lambda *_: projections.append(1))
-    cached = sampler.sample(features, mask, 64, 64, [1, 2], algo, 4, cfg_scale=3.0)
+    sampler.vae = IdentityDecoder()  # compare latents: the pipeline maps them to [0, 1] as it would images
+    encoded = sampler.sample(features, mask, 64, 64, [1, 2], algo, 4, cfg_scale=3.0)
     assert len(projections) == 1
-    monkeypatch.setattr(model, "caption_cache", nullcontext)
-    plain = sampler.sample(features, mask, 64, 64, [1, 2], algo, 4, cfg_scale=3.0)
-    assert len(projections) > 4  # one per model evaluation without the cache
-    torch.testing.assert_close(cached, plain, rtol=0, atol=1e-6)
+    info = {"img_hw": torch.tensor([[64.0, 64.0]] * 2), "aspect_ratio": torch.tensor([[1.0]] * 2)}
+    cond = dict(y=features, mask=mask, data_info=info)
+    spec = get_sampler(algo)
+    if spec.guided:
+        null = model.y_embedder.y_embedding[None].expand(2, -1, -1)
+        model_fn = guided_model(model, cfg_inputs(cond, dict(cond, y=null), 2), 3.0)
+    else:
+        model_fn = guided_model(model, cond)
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (1, 2)])
+    with torch.no_grad():
+        plain = spec.fn(model_fn, noise, 4, generator=[1, 2])
+    assert len(projections) > 4  # one per model evaluation
+    torch.testing.assert_close(encoded, ((plain + 1) / 2).clamp(0, 1), rtol=0, atol=1e-6)

@@ -1,10 +1,12 @@
-"""The model's speed options (trim_captions, pack_captions, fused_modulation, compile) and its sampling caption
-cache change the work, never the function: outputs and gradients match the plain model, diffusers, and the
+"""The model's speed options (trim_captions, pack_captions, fused_modulation, compile) and captions encoded once
+for sampling (`encode_captions`) change the work, never the function: outputs and gradients match the plain model, diffusers, and the
 released state-dict layout, on or off."""
 import pytest
 import torch
 
 from diffusion import DPMS
+from diffusion.model.guidance import guided_model
+from diffusion.sampling import sample_dpm_solver
 from diffusion.model.nets import PixArt, PixArtMS
 from diffusion.model.nets.PixArt import trim_caption_padding
 from diffusion.utils.diffusers_interop import architecture_of, build_diffusers_model, pixart_to_diffusers
@@ -120,16 +122,7 @@ def test_cuda_fused_and_compiled_blocks_match_the_plain_model(grad_checkpointing
         torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-3)
 
 
-# ---------------------------------------------------------------- the sampling caption cache
-
-def uncached(model, *args, **kwargs):
-    """The model's output computed without its caption cache (inside or outside the context)."""
-    cache, model._caption_cache = model._caption_cache, None
-    try:
-        return model(*args, **kwargs)
-    finally:
-        model._caption_cache = cache
-
+# ---------------------------------------------------------------- captions encoded once for sampling
 
 def count_projections(model):
     calls = []
@@ -139,84 +132,45 @@ def count_projections(model):
 
 @pytest.mark.parametrize("cls", [PixArt, PixArtMS])
 @pytest.mark.parametrize("mask_kind", ["ragged", "shared-padding", "mask-none"])
-def test_caption_cache_projects_once_per_dpm_solver_run_and_samples_the_same(cls, mask_kind):
+def test_encoded_captions_project_once_per_dpm_solver_run_and_sample_the_same(cls, mask_kind):
     x, _, y, mask, info = tiny_inputs()
     mask = {"ragged": mask, "shared-padding": padded_at_the_end(mask), "mask-none": None}[mask_kind]
     model = tiny_model(cls)
     calls = count_projections(model)
-
-    def sample():
-        solver = DPMS(model.forward_with_dpmsolver, y, model.y_embedder.y_embedding[None], 4.5,
-                      dict(mask=mask, data_info=info))
-        return solver.sample(x, steps=6, order=2, skip_type="time_uniform", method="multistep", progress=False)
-
+    null = model.y_embedder.y_embedding[None].expand(len(y), -1, -1)
     with torch.no_grad():
-        plain = sample()
+        plain = DPMS(model.forward_with_dpmsolver, y, null, 4.5, dict(mask=mask, data_info=info)).sample(
+            x, steps=6, order=2, skip_type="time_uniform", method="multistep", progress=False)
         evaluations = len(calls)
-        with model.caption_cache():
-            cached = sample()
+        both_masks = None if mask is None else torch.cat([mask, mask])
+        captions = model.encode_captions(torch.cat([y, null]), both_masks)
+        inputs = dict(y=captions, data_info={k: torch.cat([v, v]) for k, v in info.items()})
+        encoded = sample_dpm_solver(guided_model(model, inputs, 4.5), x, 6)
     assert evaluations >= 6 and len(calls) == evaluations + 1
-    assert torch.equal(cached, plain)  # the same kernels on the same inputs, only fewer times
-    assert model._caption_cache is None  # dropped on exit
+    assert torch.equal(encoded, plain)  # the same kernels on the same inputs, only fewer times
 
 
-def test_caption_cache_recomputes_after_captions_masks_or_weights_change():
+@pytest.mark.parametrize("cls", [PixArt, PixArtMS])
+def test_a_forward_with_encoded_captions_equals_one_with_the_features(cls):
+    x, t, y, mask, info = tiny_inputs()
+    model = tiny_model(cls)
+    with torch.no_grad():
+        expected = model(x, t, y, padded_at_the_end(mask), data_info=info)
+        captions = model.encode_captions(y, padded_at_the_end(mask))
+        torch.testing.assert_close(model(x, t, captions, data_info=info), expected, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="carry their mask"):
+            model(x, t, captions, mask, data_info=info)
+        with pytest.raises(ValueError, match="encoded caption batch 3 differs from latent batch 2"):
+            model(x[:2], t[:2], captions, data_info={k: v[:2] for k, v in info.items()})
+
+
+def test_encoded_captions_follow_the_weights_they_were_computed_with_only():
+    """No hidden cache: features passed again are projected again, so changed weights take effect at once."""
     model = tiny_model(PixArt)
     x, t, y, mask, _ = tiny_inputs()
     calls = count_projections(model)
-    with torch.no_grad(), model.caption_cache():
-        for change in (lambda: None, lambda: y.mul_(2), lambda: mask[1, 4:].zero_(),
-                       lambda: model.blocks[1].cross_attn.kv_linear.weight.add_(0.1),
-                       lambda: model.y_embedder.y_proj.fc1.bias.sub_(0.1),
-                       lambda: model.load_state_dict(tiny_model(PixArt, seed=5).state_dict())):
-            change()
-            before = len(calls)
-            out = model(x, t, y, mask)
-            assert len(calls) == before + 1  # recomputed after every change
-            torch.testing.assert_close(out, uncached(model, x, t, y, mask), rtol=0, atol=0)
-            before = len(calls)
-            again = model(x, t, y, mask)
-            assert len(calls) == before and torch.equal(again, out)  # and reused while nothing changes
-        # A caption tensor with equal values but another identity is not taken for the cached one.
-        model(x, t, y.clone(), mask)
-        assert len(calls) == before + 1
-        # A mask given as a list could change without a version counter: such forwards are never cached.
-        listed = mask.tolist()
-        model(x, t, y, listed)
-        listed[1][3:] = [0] * (len(listed[1]) - 3)
-        out = model(x, t, y, listed)
-        assert len(calls) == before + 3
-        torch.testing.assert_close(out, uncached(model, x, t, y, torch.tensor(listed)), rtol=0, atol=0)
-
-
-def test_caption_cache_leaves_training_gradients_and_forced_dropout_alone():
-    model = tiny_model(PixArt)
-    x, t, y, mask, _ = tiny_inputs()
-    calls = count_projections(model)
-    with model.caption_cache():
-        model(x, t, y, mask).sum().backward()  # grad enabled: never cached (the graph must be built)
-        model(x, t, y, mask)
-        with torch.no_grad():
-            model.train()
-            model(x, t, y, mask)  # training mode: caption dropout is random
-            model(x, t, y, mask)
-            model.eval()
-            drop = torch.tensor([1, 0, 0])
-            dropped = model(x, t, y, mask, force_drop_ids=drop)
-            model(x, t, y, mask, force_drop_ids=drop)
-            assert len(calls) == 6 and model._caption_cache == []
-            expected = uncached(model, x, t, y, mask, force_drop_ids=drop)
-    torch.testing.assert_close(dropped, expected, rtol=0, atol=0)
-
-
-def test_caption_cache_keeps_a_few_entries_and_nests():
-    model = tiny_model(PixArt)
-    x, t, y, mask, _ = tiny_inputs()
-    with torch.no_grad(), model.caption_cache():
-        captions = [y + i for i in range(PixArt.CAPTION_CACHE_ENTRIES + 2)]
-        for c in captions:
-            model(x, t, c, mask)
-        assert [entry[0] for entry in model._caption_cache] == captions[-PixArt.CAPTION_CACHE_ENTRIES:]
-        with model.caption_cache():
-            assert model._caption_cache == []
-        assert len(model._caption_cache) == PixArt.CAPTION_CACHE_ENTRIES
+    with torch.no_grad():
+        before = model(x, t, y, mask)
+        model.blocks[1].cross_attn.kv_linear.weight.add_(0.1)
+        after = model(x, t, y, mask)
+    assert len(calls) == 2 and not torch.equal(before, after)

@@ -284,7 +284,6 @@ def test_load_from_a_released_format_checkpoint_reports_non_matching_keys(train_
     ({"image_size": 128}, "train_vae_128/noflip/shapes/img_000.npy: VAE feature file is missing"),
     ({"mixed_precision": "fp8"}, "'mixed_precision' is 'fp8'"),
     ({"multi_scale": True}, "'multi_scale' is True; expected False for the single-scale model"),
-    ({"data.skip_bad_records": True}, "'data.skip_bad_records' is True; expected False for training"),
 ])
 def test_impossible_configs_fail_at_start_up_with_named_errors(train_config, tmp_path, overrides, message):
     start = time.perf_counter()

@@ -77,6 +77,18 @@ def test_per_sample_draws_have_the_right_distribution():
     assert abs(draws.noise.std().item() - 1) < 0.05
 
 
+def test_training_timesteps_cover_every_step_uniformly_and_reproducibly():
+    def draw():
+        return draw_for_samples(range(20000), epoch=0, seed=0, latent_shape=(1,), num_timesteps=1000,
+                                drop_prob=0.1, device="cpu").timesteps
+
+    first = draw()
+    assert torch.equal(first, draw()) and first.dtype == torch.long
+    assert first.min().item() == 0 and first.max().item() == 999
+    counts = torch.bincount(first // 100, minlength=10).double()
+    assert (counts / 2000 - 1).abs().max() < 0.1  # ten deciles, 2000 expected each
+
+
 def test_checkpoints_are_listed_by_step_and_pruned(tmp_path):
     for epoch, step in ((1, 5), (2, 10), (1, 3), (3, 20)):
         ckpt.save_training_checkpoint(ckpt.checkpoint_path(tmp_path, epoch, step), {"step": step})

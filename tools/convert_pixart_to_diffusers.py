@@ -23,7 +23,8 @@ import tempfile
 
 import torch
 
-from diffusion.model.builder import VAE_DOWNSAMPLE, build_model, build_model_from_config
+from diffusion.model.builder import build_model, build_model_from_config
+from diffusion.release import DTYPES, RELEASED_IMAGE_SIZES, T5_TOKENS, VAE_DOWNSAMPLE, released_lewei_scale
 from diffusion.utils.checkpoint import CheckpointError, match_state_dict, read_state_dict, save_weights
 from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
 from diffusion.utils.diffusers_interop import (
@@ -34,8 +35,6 @@ from diffusion.utils.diffusers_interop import (
     load_diffusers_transformer,
     save_diffusers_transformer,
 )
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
@@ -54,7 +53,7 @@ def parse_args(argv=None):
                         help="PixArt config describing the model (preset, image_size, lewei_scale, model_kwargs); "
                              "alternative to --image_size for the forward direction")
     add_cfg_options_argument(parser)
-    parser.add_argument("--image_size", type=int, choices=(256, 512, 1024),
+    parser.add_argument("--image_size", type=int, choices=RELEASED_IMAGE_SIZES,
                         help="released XL/2 model at this resolution (lewei_scale 2.0 at 1024, else 1.0), "
                              "when no --config is given")
     parser.add_argument("--multi_scale_train", action="store_true",
@@ -72,8 +71,8 @@ def parse_args(argv=None):
                         help="with --reverse, for folders without a null caption (e.g. converted by diffusers): "
                              "draw a fresh one, randn/sqrt(C) with this seed, as PixArt initialises it. The "
                              "transformer has never seen it, so guidance needs fine-tuning before it is useful")
-    parser.add_argument("--model_max_length", type=int, default=120,
-                        help="with --random-null-caption: caption tokens of the null caption (default 120)")
+    parser.add_argument("--model_max_length", type=int, default=T5_TOKENS,
+                        help=f"with --random-null-caption: caption tokens of the null caption (default {T5_TOKENS})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     return parser.parse_args(argv)
 
@@ -86,7 +85,7 @@ def describe_model(args):
         if args.image_size is None:
             raise SystemExit("error: give --config or --image_size: the checkpoint alone does not record the "
                              "number of heads, the input size or lewei_scale")
-        lewei = args.lewei_scale if args.lewei_scale is not None else (2.0 if args.image_size == 1024 else 1.0)
+        lewei = args.lewei_scale if args.lewei_scale is not None else released_lewei_scale(args.image_size)
         name = "PixArtMS_XL_2" if args.multi_scale_train else "PixArt_XL_2"
         return build_model(name, input_size=args.image_size // VAE_DOWNSAMPLE, lewei_scale=lewei)
 

@@ -1,10 +1,10 @@
 """Extract T5 caption features (.npz) and VAE features (.npy) for the dataset a config trains on.
 
-The dataset folder is `data_root/data.root` of the config; the records come from its `data.image_list_json`
-(InternalData, InternalDataMS) or `data.image_list_txt` (SAM) partition files; the encoders from
-`t5_pretrained` and `vae_pretrained`; the size from `image_size` (InternalDataMS: the buckets of
-`aspect_ratio_type`). Files go where the datasets read them (diffusion/data/paths.py). Existing files are
-skipped, so an interrupted run resumes. Exit status 1 when some records failed (they are listed in a file).
+The config's dataset (`data`, under `data_root`) says what to extract: its records from the `data.image_list_json`
+(InternalData, InternalDataMS) or `data.image_list_txt` (SAM) partition files, their captions, their sizes
+(`image_size`; InternalDataMS: the buckets of `aspect_ratio_type`) and where it reads each feature file; the
+encoders come from `t5_pretrained` and `vae_pretrained`. Existing files are skipped, so an interrupted run
+resumes. Exit status 1 when some records failed (they are listed in a file).
 
 Examples:
   python tools/extract_features.py configs/pixart_config/PixArt_toy_shapes.py
@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 from diffusion.data import paths
-from diffusion.data.aspect_ratios import aspect_ratio_table
+from diffusion.data.datasets import InternalDataMS, build_dataset_from_config, dataset_class
 from diffusion.data.errors import DataError
 from diffusion.data.extract import FeatureExtractor, shard_indices
-from diffusion.data.records import load_dataset_records
-from diffusion.utils.cpu import idle_cpu_threads
+from diffusion.release import DTYPES
 from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
+from diffusion.utils.cpu import idle_cpu_threads
 
 
 def build_parser():
@@ -54,10 +54,10 @@ def build_parser():
                              'else cpu)')
     parser.add_argument('--threads', type=int, default=None,
                         help='torch CPU threads (default: OMP_NUM_THREADS, else the cores idle right now, at least 1)')
-    parser.add_argument('--t5-dtype', choices=('fp32', 'fp16', 'bf16'), default=None,
+    parser.add_argument('--t5-dtype', choices=sorted(DTYPES), default=None,
                         help='T5 weight dtype (default: bf16 on CUDA, fp32 on CPU)')
     parser.add_argument('--t5-8bit', action='store_true', help='load T5 in 8 bits (needs bitsandbytes and CUDA)')
-    parser.add_argument('--vae-dtype', choices=('fp32', 'fp16', 'bf16'), default='fp32',
+    parser.add_argument('--vae-dtype', choices=sorted(DTYPES), default='fp32',
                         help='VAE weight dtype (default fp32)')
     parser.add_argument('--feature-dtype', choices=('float32', 'float16'), default='float32',
                         help='dtype of the stored features (default float32; float16 halves the disk space)')
@@ -96,26 +96,22 @@ def main(argv=None):
     world_size = args.world_size if args.world_size is not None else int(os.environ.get('WORLD_SIZE', 1))
     try:
         cfg = load_config(args.config, args.cfg_options)
-    except ConfigError as err:
-        raise SystemExit(f'error: {err}')
-    data = cfg.data
-    dataset = paths.dataset_dir(cfg.data_root, data.root)
-    kind = 'txt' if data.type == 'SAM' else 'json'
-    names = args.annotations or (data.get('image_list_txt') if kind == 'txt' else data.get('image_list_json'))
-    multi_scale = data.type == 'InternalDataMS'
-    table = aspect_ratio_table(cfg.aspect_ratio_type or f'ASPECT_RATIO_{cfg.image_size}') if multi_scale else None
-    try:
-        records = load_dataset_records(dataset, names, kind)
-        indices = shard_indices(len(records), args.start, args.end, rank, world_size)
-    except (DataError, ValueError) as err:
+        # The dataset reads the features this tool writes (it needs no text encoder for that).
+        overrides = {'data.load_t5_feat': True}
+        if args.annotations:
+            overrides[f'data.{dataset_class(cfg.data.type).annotation_list_key}'] = list(args.annotations)
+        dataset = build_dataset_from_config(cfg.with_overrides(overrides))
+        indices = shard_indices(len(dataset), args.start, args.end, rank, world_size)
+    except (ConfigError, DataError, KeyError, TypeError, ValueError) as err:
         raise SystemExit(f'error: {err}')
     device = args.device or default_device()
     torch.set_num_threads(args.threads or idle_cpu_threads())
-    print(f'{dataset}: {len(records)} records, shard {rank}/{world_size} of [{args.start}, {args.end or len(records)}) '
-          f'has {len(indices)}; image size {cfg.image_size}{" (multi-scale buckets)" if multi_scale else ""}; '
-          f'device {device}', flush=True)
+    buckets = f' on the {dataset.aspect_ratio_type} buckets' if isinstance(dataset, InternalDataMS) else ''
+    print(f'{dataset.dataset_dir}: {len(dataset)} records, shard {rank}/{world_size} of [{args.start}, '
+          f'{args.end or len(dataset)}) has {len(indices)}; image size {cfg.image_size}{buckets}; device {device}',
+          flush=True)
 
-    text_encoder = prompt_of = vae = None
+    text_encoder = vae = None
     if not args.skip_t5:
         from diffusion.model.t5 import T5Embedder
         text_encoder = T5Embedder(cfg.t5_pretrained, device=device, torch_dtype=args.t5_dtype,
@@ -123,9 +119,6 @@ def main(argv=None):
         if text_encoder.hidden_size != cfg.caption_channels:
             raise SystemExit(f'error: {cfg.t5_pretrained} gives {text_encoder.hidden_size}-wide features, the config '
                              f'says caption_channels={cfg.caption_channels}')
-        if kind == 'txt':
-            from diffusion.data.datasets.sam import read_caption
-            prompt_of = lambda record: read_caption(dataset, record.path)  # noqa: E731
     if not args.skip_vae:
         from diffusers import AutoencoderKL
         from diffusion.model.t5 import resolve_dtype
@@ -133,15 +126,14 @@ def main(argv=None):
                                             torch_dtype=resolve_dtype(args.vae_dtype, device)).to(device).eval()
 
     extractor = FeatureExtractor(
-        dataset, records, text_encoder=text_encoder, vae=vae, image_size=cfg.image_size, bucket_table=table,
-        max_length=cfg.model_max_length, caption_channels=cfg.caption_channels, transform=data.transform,
-        batch_size=args.batch_size, num_workers=args.num_workers, feature_dtype=np.dtype(args.feature_dtype),
-        verify_existing=args.verify_existing, prompt_of=prompt_of, progress=not args.no_progress)
-    failures_file = args.failures_file or paths.failures_path(dataset, rank, world_size)
+        dataset, text_encoder=text_encoder, vae=vae, batch_size=args.batch_size, num_workers=args.num_workers,
+        feature_dtype=np.dtype(args.feature_dtype), verify_existing=args.verify_existing,
+        progress=not args.no_progress)
+    failures_file = args.failures_file or paths.failures_path(dataset.dataset_dir, rank, world_size)
     started = time.time()
     summary = extractor.run(indices, failures_file=Path(failures_file))
     print(summary.text())
-    print(f'features under {dataset} ({time.time() - started:.1f} s)')
+    print(f'features under {dataset.dataset_dir} ({time.time() - started:.1f} s)')
     return 1 if summary.failures else 0
 
 

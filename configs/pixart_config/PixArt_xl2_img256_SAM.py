@@ -29,7 +29,6 @@ optimizer = dict(type='AdamW', lr=2e-5, weight_decay=3e-2, eps=1e-10)
 lr_schedule_args = dict(num_warmup_steps=1000)
 
 # evaluation, logging, checkpoints
-eval_sampling_steps = 200
 log_interval = 20
 save_model_epochs = 2
 save_model_steps = 20000

@@ -28,7 +28,7 @@ def aspect_ratio_table(name):
     """The bucket table `name` as a new dict {ratio key: (h, w)} in increasing ratio order."""
     tables = _tables()
     if name not in tables:
-        raise KeyError(f'unknown aspect-ratio table {name!r}; expected one of {", ".join(sorted(tables))}')
+        raise KeyError(f'unknown aspect-ratio table {name!r}; expected one of {", ".join(table_names())}')
     return dict(tables[name])
 
 

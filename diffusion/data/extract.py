@@ -1,11 +1,12 @@
 """Offline feature extraction: T5 caption features (.npz) and VAE posterior features (.npy) of a dataset,
-written where `diffusion.data.paths` says the datasets read them.
+written where the dataset reads them. The dataset (`diffusion.data.datasets`) describes its own layout: its
+records, each record's caption, target size and transformed image, and its feature paths.
 
 - Resumable: a record whose feature file exists is skipped (writes are atomic, so an existing file is
   complete; `verify_existing=True` also opens it and redoes it if it is damaged).
 - Shardable: `shard_indices(n, start, end, rank, world_size)` splits records between processes or machines,
   each record in exactly one shard.
-- Multi-scale: with a bucket table each image is resized to cover its closest bucket and center-cropped, so
+- Multi-scale: an InternalDataMS resizes each image to cover its closest bucket and center-crops it, so
   aspect ratios are never distorted (SPEC section 9 point 6), and batches hold one bucket size each.
 - A record that fails (corrupt image, missing caption, ...) is reported, not fatal: the summary lists it.
 """
@@ -17,27 +18,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from diffusion.data import paths
-from diffusion.data.aspect_ratios import closest_bucket
-from diffusion.data.errors import DataError, DataFileError
-from diffusion.utils.fileio import atomic_write_text
-from diffusion.data.feature_io import (
-    load_caption_feature,
-    load_image,
-    load_vae_feature,
-    save_caption_feature,
-    save_vae_feature,
-)
+from diffusion.data.errors import DataError
+from diffusion.data.feature_io import load_caption_feature, load_vae_feature, save_caption_feature, save_vae_feature
 from diffusion.data.latents import posterior_feature
-from diffusion.data.transforms import get_transform
-from diffusion.model.builder import VAE_DOWNSAMPLE
-
-
-def target_size(height, width, image_size, bucket_table=None):
-    """The (h, w) an image of height x width is cropped to: image_size square, or its closest bucket."""
-    if bucket_table is None:
-        return image_size, image_size
-    return closest_bucket(height, width, bucket_table)[1]
+from diffusion.release import VAE_DOWNSAMPLE
+from diffusion.utils.fileio import atomic_write_text
 
 
 def shard_indices(num_records, start=0, end=None, rank=0, world_size=1):
@@ -78,43 +63,27 @@ class ExtractionSummary:
 
 
 class FeatureExtractor:
-    """Writes the feature files of `records` (from `diffusion.data.records`) of the dataset folder `dataset`.
+    """Writes the feature files of `dataset`, an InternalData, InternalDataMS or SAM (`diffusion.data.datasets`),
+    which gives the records, their captions, target sizes and images, the feature paths and the caption length
+    and width that existing files are checked against.
 
     `text_encoder`: a callable list[str] -> (features (B, L, C), mask (B, L)), e.g. a T5Embedder, or None to
-    skip T5 features; `prompt_of(record)` gives a record's caption (default `record.prompt`; SAM reads
-    caption files). `vae`: a diffusers AutoencoderKL, or None to skip VAE features. `image_size`: the
-    resolution; with `bucket_table` (a table of `diffusion.data.aspect_ratios`) features go to the buckets.
+    skip T5 features. `vae`: a diffusers AutoencoderKL, or None to skip VAE features.
     """
 
-    def __init__(self, dataset, records, text_encoder=None, vae=None, image_size=256, bucket_table=None,
-                 max_length=None, caption_channels=None, transform='default_train', batch_size=32, num_workers=0,
-                 feature_dtype=np.float32, verify_existing=False, prompt_of=None, progress=True):
-        if image_size % VAE_DOWNSAMPLE:
-            raise ValueError(f'image_size {image_size} is not divisible by {VAE_DOWNSAMPLE}')
+    def __init__(self, dataset, text_encoder=None, vae=None, batch_size=32, num_workers=0, feature_dtype=np.float32,
+                 verify_existing=False, progress=True):
         self.dataset = dataset
-        self.records = records
+        self.records = dataset.records
         self.text_encoder = text_encoder
         self.vae = vae
-        self.image_size = image_size
-        self.bucket_table = bucket_table
-        self.max_length = max_length
-        self.caption_channels = caption_channels
-        self.transform = get_transform(transform)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.feature_dtype = feature_dtype
         self.verify_existing = verify_existing
-        self.prompt_of = prompt_of or (lambda record: record.prompt)
         self.progress = progress
 
-    # ------------------------------------------------------------ paths and checks
-    def caption_path(self, record):
-        return paths.caption_feature_path(self.dataset, record.path)
-
-    def vae_path(self, record):
-        return paths.vae_feature_path(self.dataset, record.path, self.image_size,
-                                      multi_scale=self.bucket_table is not None)
-
+    # ------------------------------------------------------------ checks
     def _done(self, path, check):
         """True if the feature file exists (and, when verifying, reads back correctly)."""
         if not path.exists():
@@ -151,17 +120,17 @@ class FeatureExtractor:
 
     def _run_t5(self, indices, summary):
         counts = summary.counts['t5']
-        check = lambda p: load_caption_feature(p, self.max_length, self.caption_channels)  # noqa: E731
+        check = lambda p: load_caption_feature(p, self.dataset.max_length, self.dataset.caption_channels)  # noqa: E731
         with self._bar(len(indices), 'T5 features') as bar:
             for start in range(0, len(indices), self.batch_size):
                 batch, prompts = [], []
                 for index in indices[start:start + self.batch_size]:
                     record = self.records[index]
-                    if self._done(self.caption_path(record), check):
+                    if self._done(self.dataset.caption_feature_path(record), check):
                         counts.skipped += 1
                         continue
                     try:
-                        prompts.append(self.prompt_of(record))
+                        prompts.append(self.dataset.prompt(record))
                         batch.append(index)
                     except DataError as err:
                         summary.fail('t5', index, record, err)
@@ -170,8 +139,8 @@ class FeatureExtractor:
                     features = features.float().cpu().numpy()
                     masks = masks.cpu().numpy()
                     for row, index in enumerate(batch):
-                        save_caption_feature(self.caption_path(self.records[index]), features[row:row + 1],
-                                             masks[row:row + 1], dtype=self.feature_dtype)
+                        save_caption_feature(self.dataset.caption_feature_path(self.records[index]),
+                                             features[row:row + 1], masks[row:row + 1], dtype=self.feature_dtype)
                         counts.written += 1
                 bar.update(min(self.batch_size, len(indices) - start))
                 self._postfix(bar, counts)
@@ -180,16 +149,13 @@ class FeatureExtractor:
         counts = summary.counts['vae']
         todo = []
         for index in indices:
-            record = self.records[index]
-            expected = None
-            if record.height is not None:
-                h, w = target_size(record.height, record.width, self.image_size, self.bucket_table)
-                expected = (2 * self.vae.config.latent_channels, h // VAE_DOWNSAMPLE, w // VAE_DOWNSAMPLE)
-            if self._done(self.vae_path(record), lambda p: load_vae_feature(p, expected)):
+            h, w = self.dataset.target_size(index)
+            expected = (2 * self.vae.config.latent_channels, h // VAE_DOWNSAMPLE, w // VAE_DOWNSAMPLE)
+            if self._done(self.dataset.vae_feature_path(self.records[index]), lambda p: load_vae_feature(p, expected)):
                 counts.skipped += 1
             else:
                 todo.append(index)
-        items = _ImageItems(self.dataset, self.records, todo, self.transform, self.image_size, self.bucket_table)
+        items = _ImageItems(self.dataset, todo)
         loader = DataLoader(items, batch_size=None, num_workers=self.num_workers)
         pending = {}  # target (h, w) -> [(index, image tensor)]: each batch holds one size
         with self._bar(len(indices), 'VAE features') as bar:
@@ -213,7 +179,7 @@ class FeatureExtractor:
     def _encode(self, group, counts):
         features = posterior_feature(self.vae, torch.stack([image for _, image in group])).float().cpu().numpy()
         for (index, _), feature in zip(group, features):
-            save_vae_feature(self.vae_path(self.records[index]), feature, dtype=self.feature_dtype)
+            save_vae_feature(self.dataset.vae_feature_path(self.records[index]), feature, dtype=self.feature_dtype)
             counts.written += 1
 
 
@@ -221,27 +187,17 @@ class _ImageItems(Dataset):
     """(index, transformed image, None) or (index, None, error message) per record, for a DataLoader
     (holds only what worker processes need, not the encoders)."""
 
-    def __init__(self, dataset, records, indices, transform, image_size, bucket_table):
+    def __init__(self, dataset, indices):
         self.dataset = dataset
-        self.records = records
         self.indices = indices
-        self.transform = transform
-        self.image_size = image_size
-        self.bucket_table = bucket_table
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, i):
         index = self.indices[i]
-        record = self.records[index]
-        image_file = paths.image_path(self.dataset, record.path)
         try:
-            image = load_image(image_file)
-            if record.height is not None and (image.height, image.width) != (record.height, record.width):
-                raise DataFileError(image_file, f'image is {image.height}x{image.width} (h x w) but the annotation '
-                                                f'says {record.height}x{record.width}')
+            image, _ = self.dataset.transformed_image(index)
         except DataError as err:
             return index, None, str(err)
-        height, width = target_size(image.height, image.width, self.image_size, self.bucket_table)
-        return index, self.transform(image, height, width), None
+        return index, image, None

@@ -29,8 +29,8 @@ import torch
 from tqdm import tqdm
 
 from diffusion.data import toy_shapes
+from diffusion.release import VAE_DOWNSAMPLE
 from diffusion.utils.fileio import atomic_write, atomic_write_text
-from diffusion.model.builder import VAE_DOWNSAMPLE
 
 # T5 convention: pad 0, eos 1, unk 2; no bos
 SPECIAL_IDS = dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1)

@@ -1,55 +1,60 @@
-"""Build a network by its registered name, from a config or directly (`build_model('PixArt_XL_2', ...)`)."""
-import difflib
+"""Build a network by its registered name, from a config or directly (`build_model('PixArt_XL_2', ...)`), and
+tell multi-scale models from single-scale ones."""
 from collections.abc import Mapping
 
-# VAE latents are 1/8 of the image side (SD-VAE; the toy VAE follows the same convention).
-VAE_DOWNSAMPLE = 8
+import torch
+
+from diffusion.model.nets import PixArt, PixArtMS
+from diffusion.release import VAE_DOWNSAMPLE, XL_2_SHAPE
+from diffusion.utils.names import lookup
+
+# The names a config's `model` may take: the network class and the shape that name fixes. The presets fix
+# the released XL/2 shape; the bare class names take any shape (from model_kwargs).
+MODELS = {
+    "PixArt": (PixArt, {}),
+    "PixArtMS": (PixArtMS, {}),
+    "PixArt_XL_2": (PixArt, XL_2_SHAPE),  # the released 256 and 512 px models
+    "PixArtMS_XL_2": (PixArtMS, XL_2_SHAPE),  # the released 1024 px multi-scale model
+}
 
 
-class Registry:
-    """Name -> constructor. Filled by the `@MODELS.register` decorators in `diffusion.model.nets`."""
-
-    def __init__(self, kind):
-        self.kind = kind
-        self._entries = {}
-
-    def register(self, fn):
-        if fn.__name__ in self._entries:
-            raise KeyError(f"{self.kind} {fn.__name__!r} is registered twice")
-        self._entries[fn.__name__] = fn
-        return fn
-
-    def get(self, name):
-        import diffusion.model.nets  # noqa: F401  (registers the networks)
-        if name not in self._entries:
-            close = difflib.get_close_matches(name, self._entries, n=3)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise KeyError(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(sorted(self._entries))})")
-        return self._entries[name]
-
-    def names(self):
-        import diffusion.model.nets  # noqa: F401
-        return sorted(self._entries)
-
-
-MODELS = Registry("model")
+def _name_and_arguments(cfg):
+    """A config's `model` entry as (name, constructor arguments): a name, or a mapping with `type`."""
+    if isinstance(cfg, str):
+        return cfg, {}
+    if isinstance(cfg, Mapping) and "type" in cfg:
+        return cfg["type"], {k: v for k, v in cfg.items() if k != "type"}
+    raise TypeError(f"model config must be a registered name or a mapping with 'type', got {cfg!r}")
 
 
 def build_model(cfg, use_grad_checkpoint=False, use_fp32_attention=False, gc_step=1, **kwargs):
     """Build a registered model. `cfg` is a name ('PixArt_XL_2') or a mapping with `type` and constructor
-    arguments; `kwargs` are further constructor arguments (input_size, lewei_scale, ...)."""
-    if isinstance(cfg, str):
-        name, cfg_kwargs = cfg, {}
-    elif isinstance(cfg, Mapping) and "type" in cfg:
-        cfg_kwargs = {k: v for k, v in cfg.items() if k != "type"}
-        name = cfg["type"]
-    else:
-        raise TypeError(f"model config must be a registered name or a mapping with 'type', got {cfg!r}")
+    arguments; `kwargs` are further constructor arguments (input_size, lewei_scale, ...). A preset's shape
+    may be restated only with the preset's values."""
+    name, cfg_kwargs = _name_and_arguments(cfg)
     overlap = set(cfg_kwargs) & set(kwargs)
     if overlap:
         raise TypeError(f"model arguments {sorted(overlap)} are given twice")
-    return MODELS.get(name)(grad_checkpointing=use_grad_checkpoint, fp32_attention=use_fp32_attention,
-                            gc_step=gc_step, **cfg_kwargs, **kwargs)
+    cls, shape = lookup(MODELS, name, "model")
+    kwargs = {**cfg_kwargs, **kwargs}
+    for key, value in shape.items():
+        if key in kwargs and kwargs[key] != value:
+            raise ValueError(f"{name} fixes {key}={value}, got {key}={kwargs[key]}; build {cls.__name__!r} "
+                             f"with model_kwargs for other shapes")
+    return cls(grad_checkpointing=use_grad_checkpoint, fp32_attention=use_fp32_attention, gc_step=gc_step,
+               **{**kwargs, **shape})
+
+
+def is_multi_scale(model):
+    """Whether `model` is multi-scale: a PixArtMS, which takes the image-size and aspect-ratio micro-conditions
+    (SPEC section 4). `model` is a network, a registered name or a config's `model` entry, or a PixArt state
+    dict (which then holds the `csize_embedder` weights)."""
+    if isinstance(model, torch.nn.Module):
+        return isinstance(model, PixArtMS)
+    if isinstance(model, Mapping) and "type" not in model:
+        return any(key.startswith("csize_embedder.") for key in model)
+    cls, _ = lookup(MODELS, _name_and_arguments(model)[0], "model")
+    return issubclass(cls, PixArtMS)
 
 
 def model_kwargs_from_config(cfg):

@@ -14,6 +14,8 @@ from typing import Callable, List, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .guidance import cfg_inputs, guided_model
+
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
 
 
@@ -108,50 +110,50 @@ def time_grid(schedule: NoiseScheduleVP, skip_type: str, t_start: float, t_end: 
     return [time_point(schedule, t) for t in times.tolist()]
 
 
-def _repeat_batch(value, batch: int):
-    """Duplicate per-sample tensors (first dimension `batch`, also inside dicts) for a doubled batch."""
-    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
-        return torch.cat([value, value])
-    if isinstance(value, dict):
-        return {key: _repeat_batch(item, batch) for key, item in value.items()}
-    return value
-
-
-def model_wrapper(model: Callable, noise_schedule: NoiseScheduleVP, condition=None, uncondition=None,
-                  guidance_scale: float = 1.0, model_kwargs: Optional[dict] = None) -> Callable:
-    """Turn `model(x, timestep, cond, **model_kwargs) -> eps` into `fn(x, t_continuous) -> eps`.
-
-    With an unconditional input and guidance_scale != 1 this is classifier-free guidance: one batch of
-    [uncond; cond] is run, and eps = eps_uncond + scale (eps_cond - eps_uncond) on every channel. The
-    unconditional input (for PixArt the null caption y_embedding) is repeated to the batch when given
-    once; per-sample keyword tensors such as the caption mask are repeated for both halves, so the
-    null caption is read with the prompt's mask. `condition=None` calls `model(x, timestep, **kwargs)`.
-    """
-    model_kwargs = model_kwargs or {}
-    guided_inputs = {}  # the [uncond; cond] captions and doubled kwargs, built once per batch size
-
-    def guided(batch: int):
-        # One tensor object for every step: `PixArt.caption_cache()` recognises the captions by identity.
-        if batch not in guided_inputs:
-            uncond = uncondition
-            if uncond.shape[0] == 1 and condition.shape[0] > 1:
-                uncond = uncond.expand(condition.shape[0], *uncond.shape[1:])
-            guided_inputs[batch] = torch.cat([uncond, condition]), _repeat_batch(model_kwargs, batch)
-        return guided_inputs[batch]
-
+def continuous_time_model(model_fn: Callable, noise_schedule: NoiseScheduleVP) -> Callable:
+    """`fn(x, t_continuous) -> eps` from a sampler's `model_fn(x, timestep) -> output` in the model's
+    discrete time (see `diffusion.model.guidance`); the output's first C channels (x has C) are eps."""
     def noise_fn(x: torch.Tensor, t: float) -> torch.Tensor:
         # Timesteps stay float32 (or float64) even for a half-precision x: rounding 949.05 to fp16 gives 949.
         time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         t_input = torch.full((x.shape[0],), noise_schedule.model_time(t), device=x.device, dtype=time_dtype)
-        if condition is None:
-            return model(x, t_input, **model_kwargs)
-        if uncondition is None or guidance_scale == 1.0:
-            return model(x, t_input, condition, **model_kwargs)
-        captions, kwargs = guided(x.shape[0])
-        eps_uncond, eps_cond = model(torch.cat([x, x]), torch.cat([t_input, t_input]), captions, **kwargs).chunk(2)
-        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-
+        return model_fn(x, t_input)[:, :x.shape[1]]
     return noise_fn
+
+
+def guided_callable(model: Callable, condition=None, uncondition=None, guidance_scale: float = 1.0,
+                    model_kwargs: Optional[dict] = None) -> Callable:
+    """`model_fn(x, timestep)` (see `diffusion.model.guidance`) for `model(x, timestep, cond, **model_kwargs)`.
+
+    With an unconditional input and guidance_scale != 1 this is classifier-free guidance (`guided_model`):
+    one batch of [cond; uncond], eps = eps_uncond + scale (eps_cond - eps_uncond) on every channel. The
+    unconditional input (for PixArt the null caption y_embedding) may be given once for the whole batch;
+    every tensor in `model_kwargs` is per-sample (batch of `condition`) and is given to both halves, so the
+    null caption is read with the prompt's mask. `condition=None` calls `model(x, timestep, **kwargs)`.
+    """
+    model_kwargs = dict(model_kwargs or {})
+    if condition is None:
+        return guided_model(model, model_kwargs)
+
+    def with_condition(x, timestep, condition, **kwargs):
+        return model(x, timestep, condition, **kwargs)
+
+    cond = dict(model_kwargs, condition=condition)
+    if uncondition is None or guidance_scale == 1.0:
+        return guided_model(with_condition, cond)
+    batch = condition.shape[0]
+    if uncondition.shape[0] == 1 and batch > 1:
+        uncondition = uncondition.expand(batch, *uncondition.shape[1:])
+    inputs = cfg_inputs(cond, dict(model_kwargs, condition=uncondition), batch)
+    return guided_model(with_condition, inputs, guidance_scale)
+
+
+def model_wrapper(model: Callable, noise_schedule: NoiseScheduleVP, condition=None, uncondition=None,
+                  guidance_scale: float = 1.0, model_kwargs: Optional[dict] = None) -> Callable:
+    """Turn `model(x, timestep, cond, **model_kwargs) -> eps` into `fn(x, t_continuous) -> eps`, guided as
+    `guided_callable` describes."""
+    return continuous_time_model(guided_callable(model, condition, uncondition, guidance_scale, model_kwargs),
+                                 noise_schedule)
 
 
 class DPMSolver:

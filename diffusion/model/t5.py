@@ -13,8 +13,7 @@ import ftfy
 import torch
 from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning
 
-DTYPES = {'fp32': torch.float32, 'float32': torch.float32, 'fp16': torch.float16, 'float16': torch.float16,
-          'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16}
+from diffusion.release import DTYPES, T5_TOKENS
 
 # ---------------------------------------------------------------- caption cleaning
 _URL = re.compile(r'\b(?:https?://|ftp://|www\.)\S+', re.IGNORECASE)
@@ -82,7 +81,7 @@ class T5Embedder:
     the encoder with bitsandbytes (CUDA only). `clean_captions`: apply `clean_caption` first.
     """
 
-    def __init__(self, local_dir, device='cpu', torch_dtype=None, model_max_length=120, load_in_8bit=False,
+    def __init__(self, local_dir, device='cpu', torch_dtype=None, model_max_length=T5_TOKENS, load_in_8bit=False,
                  clean_captions=True):
         from transformers import AutoTokenizer, T5EncoderModel
 

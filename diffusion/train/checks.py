@@ -2,7 +2,8 @@
 minutes of data loading or on step 1000."""
 import torch
 
-from diffusion.model.builder import VAE_DOWNSAMPLE
+from diffusion.model.builder import is_multi_scale
+from diffusion.release import VAE_DOWNSAMPLE
 from diffusion.train.optim import LR_SCHEDULES, OPTIMIZERS
 from diffusion.utils.config import ConfigError
 
@@ -38,14 +39,10 @@ def check_training_config(cfg):
     patch = dict(cfg.model_kwargs).get("patch_size", 2)
     _require(cfg.image_size % (VAE_DOWNSAMPLE * patch) == 0, "image_size", cfg.image_size,
              f"a multiple of {VAE_DOWNSAMPLE * patch} (VAE factor {VAE_DOWNSAMPLE} x patch size {patch})")
-    multi_scale_model = "MS" in cfg.model
-    _require(not cfg.multi_scale or multi_scale_model, "multi_scale", cfg.multi_scale,
+    _require(not cfg.multi_scale or is_multi_scale(cfg.model), "multi_scale", cfg.multi_scale,
              f"False for the single-scale model {cfg.model!r} (multi-scale training needs a PixArtMS model)")
     _require(not cfg.multi_scale or cfg.aspect_ratio_type, "aspect_ratio_type", cfg.aspect_ratio_type,
              "a bucket table such as 'ASPECT_RATIO_512' when multi_scale=True")
-    _require(not cfg.data.get("skip_bad_records", False), "data.skip_bad_records", True,
-             "False for training: the trainer does not yet leave bad records out of a batch (fix or remove them; "
-             "tools/extract_features.py lists failures)")
     resume = cfg.resume_from
     _require(not resume.get("load_ema") and resume.get("resume_optimizer", True) and
              resume.get("resume_lr_scheduler", True), "resume_from", dict(resume),

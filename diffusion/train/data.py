@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from diffusion.data.datasets.builder import build_dataset_from_config
-from diffusion.data.datasets.sampler import build_batch_sampler
+from diffusion.data.datasets.batch_sampler import build_batch_sampler
 
 
 @dataclass
@@ -32,7 +32,7 @@ def build_train_data(cfg, rank, world_size, num_workers, device):
         vae.requires_grad_(False)
     visualizer = None
     if cfg.eval_interval and cfg.validation_prompts:
-        from diffusion.train.visualize import ValidationSampler
-        visualizer = ValidationSampler(cfg, vae, device)
+        from diffusion.train.visualize import ValidationGrids
+        visualizer = ValidationGrids(cfg, vae, device)
     return TrainData(dataset, batch_sampler, loader, vae if not cfg.data.get("load_vae_feat", True) else None,
                      visualizer)

@@ -2,7 +2,8 @@
 trainable, the modules the loss needs besides the model, batch -> loss, and what a checkpoint stores. Full
 training is the base class; LoRA, DreamBooth, ControlNet and LCM override pieces of it, never the loop."""
 from diffusion.data.latents import posterior_feature, sample_latent
-from diffusion.model.builder import VAE_DOWNSAMPLE, build_model_from_config
+from diffusion.model.builder import build_model_from_config
+from diffusion.release import VAE_DOWNSAMPLE
 from diffusion.train.data import build_train_data
 from diffusion.train.randomness import draw_for_samples
 from diffusion.utils.checkpoint import load_state_dict_into

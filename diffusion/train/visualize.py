@@ -3,11 +3,11 @@ import torch
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
-from diffusion.pipeline import Sampler
+from diffusion.pipeline import Pipeline
 from diffusion.utils.fileio import save_png
 
 
-class ValidationSampler:
+class ValidationGrids:
     """Encodes the prompts once at start-up (then frees T5); each call samples them with DPM-Solver++ from
     fixed seeds, so the grids of successive steps are comparable, and writes one PNG grid."""
 
@@ -23,10 +23,10 @@ class ValidationSampler:
         self.cfg = cfg
 
     def __call__(self, model, path):
-        sampler = Sampler(model, self.vae, scale_factor=self.cfg.scale_factor, device=self.device)
+        pipe = Pipeline(model, self.vae, scale_factor=self.cfg.scale_factor, device=self.device)
         size = self.cfg.image_size
         seeds = [self.cfg.seed + i for i in range(len(self.prompts))]
-        images = sampler.sample(self.features, self.mask, size, size, seeds, "dpm-solver",
-                                self.cfg.validation_steps, self.cfg.cfg_scale)
+        images = pipe.sample(self.features, self.mask, size, size, seeds, "dpm-solver",
+                             self.cfg.validation_steps, self.cfg.cfg_scale)
         grid = make_grid(images.cpu(), nrow=min(len(self.prompts), 4), padding=2)
         return save_png(path, to_pil_image(grid))

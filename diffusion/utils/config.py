@@ -2,13 +2,15 @@
 
 The base config `configs/PixArt_xl2_internal.py` is the schema: every top-level key of a config must be
 defined there, with a value of the same type. A loaded config is read-only; change it with
-`--cfg-options key=value` on the command line or `cfg.with_overrides({...})` in code.
+`--cfg-options key=value` on the command line or `cfg.with_overrides({...})` in code. The keys in `INERT_KEYS`
+are accepted but do nothing; a value other than the base config's draws an `InertConfigKeyWarning` naming it.
 """
 import argparse
 import ast
 import copy
 import difflib
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,6 +22,10 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / 'configs' / 'PixArt_xl2_inte
 # Bookkeeping keys mmengine may leave inside dicts; they are not config fields.
 _MMENGINE_PRIVATE_KEYS = ('_scope_', '_delete_')
 _READ_ONLY = 'the config is read-only after loading; use --cfg-options KEY=VALUE or cfg.with_overrides({...})'
+# Keys of the reference's base config that no code here reads (its token-masking experiment, evaluation runs and
+# remote storage). They are accepted so that the released configs load as they are.
+INERT_KEYS = ('mask_type', 'num_group_tokens', 'mask_loss_coef', 'load_mask_index', 'eval_batch_size', 'valid_num',
+              'eval_sampling_steps', 'save_image_epochs', 'tensorboard_mox_interval', 's3_work_dir')
 
 
 class ConfigError(ValueError):
@@ -28,6 +34,10 @@ class ConfigError(ValueError):
 
 class ReadOnlyConfigError(ConfigError, TypeError):
     """Raised on any attempt to modify a loaded config (a TypeError too, like modifying a tuple)."""
+
+
+class InertConfigKeyWarning(UserWarning):
+    """A config sets one of `INERT_KEYS`, which no code reads, to a value other than the base config's."""
 
 
 # ---------------------------------------------------------------- loading
@@ -41,10 +51,12 @@ def load_config(path, cfg_options=None, schema_path=SCHEMA_PATH):
         data = Config.fromfile(path).to_dict()
     except Exception as err:  # a bad `_base_` path, a syntax error, a dict over a non-dict base value...
         raise ConfigError(f'cannot load config {path}: {type(err).__name__}: {err}') from err
-    schema = _load_schema(schema_path)
+    base = _load_base(schema_path)
+    schema = _schema_of(base)
     data = _validate(_strip_private(data), schema, source=path)
     if cfg_options:
         data = _apply_overrides(data, cfg_options, schema, source='--cfg-options')
+    _warn_about_inert_keys(data, base, path, cfg_options or {})
     return FrozenConfig(data, filename=path, schema=schema)
 
 
@@ -76,12 +88,28 @@ class KeyValueAction(argparse.Action):
         setattr(namespace, self.dest, options)
 
 
-def _load_schema(schema_path):
-    """Map each base key to its base value's type; None means any type is accepted."""
+def _load_base(schema_path):
+    """The base config's values (the schema's defaults)."""
     if not os.path.isfile(schema_path):
         raise ConfigError(f'schema (base config) not found: {schema_path}')
-    base = _strip_private(Config.fromfile(str(schema_path)).to_dict())
+    return _strip_private(Config.fromfile(str(schema_path)).to_dict())
+
+
+def _schema_of(base):
+    """Map each base key to its base value's type; None means any type is accepted."""
     return {key: None if value is None else type(value) for key, value in base.items()}
+
+
+def _load_schema(schema_path):
+    return _schema_of(_load_base(schema_path))
+
+
+def _warn_about_inert_keys(data, base, path, cfg_options):
+    for key in INERT_KEYS:
+        if key in data and key in base and data[key] != base[key]:
+            where = _where('--cfg-options' if key in cfg_options else path)
+            warnings.warn(f'config key {key!r} {where} is {data[key]!r}, but no code reads it: it has no effect '
+                          f'(the base value is {base[key]!r})', InertConfigKeyWarning, stacklevel=3)
 
 
 def _strip_private(data):

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import torch
 
+from diffusion.model.builder import is_multi_scale
+from diffusion.model.nets import PixArt, PixArtMS
 from diffusion.model.nets.PixArt_blocks import get_2d_sincos_pos_embed
+from diffusion.release import T5_TOKENS, VAE_DOWNSAMPLE, released_lewei_scale
 from diffusion.utils.checkpoint import CheckpointError, atomic_save
 
 NULL_CAPTION_FILE = "pixart_null_caption.safetensors"
@@ -80,9 +83,8 @@ def pixart_to_diffusers(state_dict):
         extras["y_embedding"] = src.pop(NULL_CAPTION_KEY)
     src.pop("pos_embed", None)
     depth = _block_count(src, "blocks.")
-    multi_scale = any(k.startswith("csize_embedder.") for k in src)
     out = {}
-    for ours, theirs in _module_pairs(depth, multi_scale):
+    for ours, theirs in _module_pairs(depth, is_multi_scale(src)):
         out[theirs] = _take(src, ours, "PixArt state dict")
     for ours, parts in _split_pairs(depth):
         for name, chunk in zip(parts, _take(src, ours, "PixArt state dict").chunk(len(parts), dim=0)):
@@ -96,7 +98,7 @@ def diffusers_to_pixart(state_dict, y_embedding, input_size, lewei_scale, patch_
     """diffusers state dict -> PixArt state dict (released layout, with `pos_embed` and `y_embedding`)."""
     src = dict(state_dict)
     depth = _block_count(src, "transformer_blocks.")
-    multi_scale = any(k.startswith("adaln_single.emb.resolution_embedder.") for k in src)
+    multi_scale = any(k.startswith(f"{theirs}.") for _, theirs in _MS_MODULES for k in src)  # diffusers' names
     out = {}
     for ours, theirs in _module_pairs(depth, multi_scale):
         out[ours] = _take(src, theirs, "diffusers state dict")
@@ -115,7 +117,7 @@ def diffusers_to_pixart(state_dict, y_embedding, input_size, lewei_scale, patch_
 def architecture_of(model):
     """The constructor arguments that define a PixArt/PixArtMS model's tensors and behaviour."""
     return dict(
-        multi_scale=hasattr(model, "csize_embedder"),
+        multi_scale=is_multi_scale(model),
         input_size=model.input_size, patch_size=model.patch_size, in_channels=model.in_channels,
         hidden_size=model.hidden_size, depth=model.depth, num_heads=model.num_heads,
         mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.hidden_size if model.depth else 4.0,
@@ -139,7 +141,7 @@ def diffusers_config(arch):
     )
 
 
-def architecture_from_diffusers_config(config, model_max_length=120):
+def architecture_from_diffusers_config(config, model_max_length=T5_TOKENS):
     """Inverse of `diffusers_config`; refuses configs that are not PixArt-alpha transformers."""
     expected = dict(norm_type="ada_norm_single", activation_fn="gelu-approximate", norm_elementwise_affine=False,
                     attention_bias=True)
@@ -155,7 +157,7 @@ def architecture_from_diffusers_config(config, model_max_length=120):
     if out_channels not in (in_channels, 2 * in_channels):
         raise ValueError(f"out_channels {out_channels} must be in_channels {in_channels} or twice it")
     multi_scale = config.get("use_additional_conditions")
-    if multi_scale is None:  # diffusers' own default
+    if multi_scale is None:  # diffusers' own default: the 1024 px model (sample size 128) is the multi-scale one
         multi_scale = sample_size == 128
     scale = config.get("interpolation_scale")
     return dict(
@@ -163,13 +165,12 @@ def architecture_from_diffusers_config(config, model_max_length=120):
         in_channels=in_channels, hidden_size=hidden, depth=config["num_layers"],
         num_heads=config["num_attention_heads"], mlp_ratio=4.0, pred_sigma=out_channels == 2 * in_channels,
         caption_channels=config["caption_channels"], model_max_length=model_max_length,
-        lewei_scale=float(scale if scale is not None else max(sample_size // 64, 1)),
+        lewei_scale=float(scale if scale is not None else released_lewei_scale(sample_size * VAE_DOWNSAMPLE)),
     )
 
 
 def build_pixart(arch, **kwargs):
     """A PixArt/PixArtMS for an architecture dict (extra kwargs such as fp32_attention pass through)."""
-    from diffusion.model.nets import PixArt, PixArtMS
     arch = dict(arch)
     cls = PixArtMS if arch.pop("multi_scale") else PixArt
     return cls(learn_sigma=arch["pred_sigma"], **arch, **kwargs)

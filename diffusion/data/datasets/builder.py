@@ -1,14 +1,16 @@
 """Build a dataset from a config's `data` dict (`type` = InternalData, InternalDataMS or SAM)."""
-import difflib
 import inspect
 
 from diffusion.data.datasets.internal import InternalData, InternalDataMS
 from diffusion.data.datasets.sam import SAM
+from diffusion.utils.names import lookup
 
 DATASETS = {cls.__name__: cls for cls in (InternalData, InternalDataMS, SAM)}
-# The base config's `data` dict carries `image_list_json`, so every config inherits it; SAM reads
-# `image_list_txt` instead, and the json datasets would have no use for a txt list.
-_OTHER_LIST_KEY = {'SAM': 'image_list_json', 'InternalData': 'image_list_txt', 'InternalDataMS': 'image_list_txt'}
+
+
+def dataset_class(name):
+    """The dataset class a config's `data.type` names."""
+    return lookup(DATASETS, name, 'dataset (data.type)')
 
 
 def build_dataset(data_cfg, data_root='', **kwargs):
@@ -16,12 +18,11 @@ def build_dataset(data_cfg, data_root='', **kwargs):
     max_length, caption_channels, text_encoder, ...); the dataset folder is `data_root / data_cfg['root']`."""
     options = dict(data_cfg)
     name = options.pop('type', None)
-    if name not in DATASETS:
-        close = difflib.get_close_matches(str(name), DATASETS, n=1)
-        hint = f'; did you mean {close[0]!r}?' if close else ''
-        raise KeyError(f'data.type {name!r} is not a dataset{hint} (known: {", ".join(sorted(DATASETS))})')
-    cls = DATASETS[name]
-    options.pop(_OTHER_LIST_KEY[name], None)
+    cls = dataset_class(name)
+    # The base config's `data` dict carries `image_list_json`, so every config inherits it; SAM reads
+    # `image_list_txt` instead, and the json datasets would have no use for a txt list.
+    for other in {c.annotation_list_key for c in DATASETS.values()} - {cls.annotation_list_key}:
+        options.pop(other, None)
     twice = sorted(set(options) & set(kwargs))
     if twice:
         raise TypeError(f'dataset arguments {twice} are given both in data and as keyword arguments')

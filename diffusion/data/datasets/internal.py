@@ -9,23 +9,24 @@ An item is `(x, caption_feature, attention_mask, data_info)`:
 - `data_info`: `img_hw` float32 [h, w] of the original image, `aspect_ratio` float32 [ratio] (the bucket's
   for InternalDataMS, the image's own h/w otherwise) and `index`, the record's index.
 The default DataLoader collation batches items. An item depends on its index only: no random flips and no
-resampling. A missing or corrupt file raises `BadRecordError` naming the record and the file; with
-`skip_bad_records=True` the item is a `BadRecord` instead, for `collate_skipping_bad_records` to leave out
-and count (SPEC section 9 point 5: the reference swallowed every error and silently took another image).
-Because an item depends on its index only, `cache_items=True` may keep every loaded item in memory, so that later
-epochs read no files (see `InternalData`).
+resampling. A missing or corrupt file raises `BadRecordError` naming the record and the file (SPEC section 9
+point 5: the reference swallowed every error and silently took another image). Because an item depends on its
+index only, `cache_items=True` may keep every loaded item in memory, so that later epochs read no files (see
+`InternalData`).
+
+A dataset also describes its layout to the feature extractor (`diffusion.data.extract`): its records, each
+record's target size, caption, transformed image and feature paths.
 """
 import torch
 from torch.utils.data import Dataset
 
 from diffusion.data import paths
 from diffusion.data.aspect_ratios import aspect_ratio_table, closest_bucket
-from diffusion.data.datasets.bad_records import BadRecord
 from diffusion.data.errors import BadRecordError, DataError, DataFileError
 from diffusion.data.feature_io import load_caption_feature, load_image, load_vae_feature
 from diffusion.data.records import load_dataset_records
 from diffusion.data.transforms import get_transform
-from diffusion.model.builder import VAE_DOWNSAMPLE
+from diffusion.release import T5_TOKENS, VAE_DOWNSAMPLE
 
 VAE_FEATURE_CHANNELS = 8  # posterior mean and std of a 4-channel latent
 
@@ -41,10 +42,11 @@ class InternalData(Dataset):
     is 1-2 MB, so a million images would not fit; with DataLoader workers every worker keeps its own copy."""
 
     annotation_kind = 'json'  # which record loader reads the annotation files (SAM: 'txt')
+    annotation_list_key = 'image_list_json'  # the constructor argument (and data.* key) naming them
 
     def __init__(self, root, image_list_json=('data_info.json',), transform='default_train', resolution=256,
-                 load_vae_feat=True, load_t5_feat=True, max_length=120, caption_channels=None, text_encoder=None,
-                 skip_bad_records=False, data_root='', cache_items=False):
+                 load_vae_feat=True, load_t5_feat=True, max_length=T5_TOKENS, caption_channels=None,
+                 text_encoder=None, data_root='', cache_items=False):
         resolution = int(resolution)
         if resolution <= 0 or resolution % VAE_DOWNSAMPLE:
             raise ValueError(f'resolution must be a positive multiple of {VAE_DOWNSAMPLE}, got {resolution}')
@@ -59,7 +61,6 @@ class InternalData(Dataset):
         self.max_length = max_length
         self.caption_channels = caption_channels
         self.text_encoder = text_encoder
-        self.skip_bad_records = skip_bad_records
         self.records = load_dataset_records(self.dataset_dir, image_list_json, self.annotation_kind)
         self.cached_items = {} if cache_items else None
 
@@ -75,10 +76,7 @@ class InternalData(Dataset):
         try:
             item = self.load_item(index)
         except DataError as err:
-            source = self.records[index].source
-            if self.skip_bad_records:
-                return BadRecord(index, source, str(err))
-            raise BadRecordError(index, source, str(err)) from err
+            raise BadRecordError(index, self.records[index].source, str(err)) from err
         if self.cached_items is not None:
             self.cached_items[index] = item
             item = (*item[:3], dict(item[3]))
@@ -96,6 +94,9 @@ class InternalData(Dataset):
     def vae_feature_path(self, record):
         return paths.vae_feature_path(self.dataset_dir, record.path, self.resolution)
 
+    def caption_feature_path(self, record):
+        return paths.caption_feature_path(self.dataset_dir, record.path)
+
     def original_size(self, record):
         """(h, w) of the original image, from the annotation."""
         return record.height, record.width
@@ -112,13 +113,7 @@ class InternalData(Dataset):
                                  (VAE_FEATURE_CHANNELS, height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE))
             orig_h, orig_w = self.original_size(record)
         else:
-            image_file = paths.image_path(self.dataset_dir, record.path)
-            image = load_image(image_file)
-            orig_h, orig_w = image.height, image.width
-            if record.height is not None and (orig_h, orig_w) != (record.height, record.width):
-                raise DataFileError(image_file, f'image is {orig_h}x{orig_w} (h x w) but the annotation says '
-                                                f'{record.height}x{record.width}')
-            x = self.transform(image, height, width)
+            x, (orig_h, orig_w) = self.transformed_image(index)
         caption_feature, attention_mask = self.load_caption(record)
         data_info = {
             'img_hw': torch.tensor([orig_h, orig_w], dtype=torch.float32),
@@ -127,10 +122,19 @@ class InternalData(Dataset):
         }
         return x, caption_feature, attention_mask, data_info
 
+    def transformed_image(self, index):
+        """The record's image transformed to its target size, (3, h, w) in [-1, 1], and the image's (h, w)."""
+        record = self.records[index]
+        image_file = paths.image_path(self.dataset_dir, record.path)
+        image = load_image(image_file)
+        if record.height is not None and (image.height, image.width) != (record.height, record.width):
+            raise DataFileError(image_file, f'image is {image.height}x{image.width} (h x w) but the annotation '
+                                            f'says {record.height}x{record.width}')
+        return self.transform(image, *self.target_size(index)), (image.height, image.width)
+
     def load_caption(self, record):
         if self.load_t5_feat:
-            return load_caption_feature(paths.caption_feature_path(self.dataset_dir, record.path),
-                                        self.max_length, self.caption_channels)
+            return load_caption_feature(self.caption_feature_path(record), self.max_length, self.caption_channels)
         feature, mask = self.text_encoder([self.prompt(record)])
         return feature.detach().float().cpu(), mask.detach().long().cpu()
 

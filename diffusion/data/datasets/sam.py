@@ -12,6 +12,7 @@ class SAM(InternalData):
     `captions/<stem>.txt` when features are not used. Items are as InternalData's."""
 
     annotation_kind = 'txt'
+    annotation_list_key = 'image_list_txt'
 
     def __init__(self, root, image_list_txt=('part0.txt',), **kwargs):
         super().__init__(root, image_list_json=image_list_txt, **kwargs)

@@ -1,13 +1,13 @@
 """PixArt: a DiT with cross-attention to T5 caption features and adaLN-single timestep conditioning
 (PixArt-alpha, arXiv 2310.00426). Math, initialisation and state-dict names as SPEC sections 2-3."""
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from diffusion.model.builder import MODELS
+from diffusion.model.guidance import apply_guidance
 from diffusion.model.nets.PixArt_blocks import (
     CaptionEmbedder,
     PatchEmbed,
@@ -39,8 +39,8 @@ class PixArt(nn.Module):
     different lengths share a batch (training), scattering the keys and values back into the padded grid
     for attention (not with `compile`, whose graphs want fixed shapes); `fused_modulation` computes
     modulation and gated residuals as single addcmul kernels (CUDA); `compile` wraps every block in
-    `torch.compile` (CUDA; the state-dict keys are unchanged). `caption_cache()` is a context for samplers:
-    repeated forwards with the same caption batch reuse its projection and every block's keys and values.
+    `torch.compile` (CUDA; the state-dict keys are unchanged). For samplers, `encode_captions(y, mask)`
+    computes the caption projection and every block's keys and values once; pass its result as `y`.
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
@@ -132,18 +132,21 @@ class PixArt(nn.Module):
         h, w = self._token_grid(x)
         dtype = self.dtype
         x = x.to(dtype)
-        if y.shape[0] != B:
-            raise ValueError(f"caption batch {y.shape[0]} differs from latent batch {B}")
+        if isinstance(y, CaptionTokens):
+            if mask is not None or force_drop_ids is not None:
+                raise ValueError("encoded captions (encode_captions) carry their mask and no dropout; pass mask=None "
+                                 "and force_drop_ids=None with them")
+            captions = y
+        else:
+            if y.shape[0] != B:
+                raise ValueError(f"caption batch {y.shape[0]} differs from latent batch {B}")
+            captions = self.embed_captions(y.to(dtype), mask, B, force_drop_ids)
+        if captions.batch_size != B:
+            raise ValueError(f"encoded caption batch {captions.batch_size} differs from latent batch {B}")
         x = self.x_embedder(x) + self.position_embedding(h, w, x.device).to(dtype)
         t = self.t_embedder(self._timesteps(timestep, B, x.device))
         t = self.add_micro_conditions(t, data_info, B)
         t0 = self.t_block(t)
-        cache_key = self._caption_cache_key(y, mask, B, force_drop_ids)
-        captions = self._cached_captions(y, mask, cache_key)
-        if captions is None:
-            captions = self.embed_captions(y.to(dtype), mask, B, force_drop_ids)
-            if cache_key is not None:
-                captions = self._cache_captions(y, mask, cache_key, captions)
         x = self._run_blocks(x, captions, t0)
         x = self.final_layer(x, t)
         return self.unpatchify(x, h, w)
@@ -160,53 +163,19 @@ class PixArt(nn.Module):
         if self.pack_captions and key_mask is not None and optimise and not self.compile_blocks:
             pack_index = pack_caption_tokens(key_mask)
         tokens = self.y_embedder(y, self.training, force_drop_ids, length, pack_index)
-        return CaptionTokens(tokens, key_mask, pack_index)
+        return CaptionTokens(tokens, key_mask, pack_index, batch=batch_size)
 
-    @contextmanager
-    def caption_cache(self):
-        """Within this context, a forward that gets the very caption tensor and mask of an earlier one (the
-        same objects, not modified in place since) reuses that forward's caption work: mask checks and
-        trimming, the caption projection and every block's cross-attention keys and values. Samplers call
-        the model 20-100 times with one caption batch; `Sampler.sample` uses this. Only no-grad, eval-mode
-        forwards without forced caption dropout are cached, and only while the caption weights are the
-        ones the entry was computed with; the cache is dropped on exit."""
-        previous = self._caption_cache
-        self._caption_cache = []
-        try:
-            yield self
-        finally:
-            self._caption_cache = previous
-
-    _caption_cache = None  # a list of cache entries inside `caption_cache()`, else None
-    CAPTION_CACHE_ENTRIES = 4  # [uncond; cond] batches of a few sampling runs
-
-    def _caption_cache_key(self, y, mask, batch_size, force_drop_ids):
-        """What must be unchanged for a cached entry to hold, or None when this forward is not cacheable."""
-        if (self._caption_cache is None or self.training or torch.is_grad_enabled() or force_drop_ids is not None
-                or torch.compiler.is_compiling() or not torch.is_tensor(y)
-                or not (mask is None or torch.is_tensor(mask))):  # a list mask could change unseen
-            return None
-        weights = [self.y_embedder.y_proj, *(block.cross_attn.kv_linear for block in self.blocks)]
-        return (y._version, None if mask is None else mask._version, batch_size, self.dtype,
-                tuple((p.data_ptr(), p._version) for module in weights for p in module.parameters()))
-
-    def _cached_captions(self, y, mask, key):
-        if key is None:
-            return None
-        for entry_y, entry_mask, entry_key, captions in self._caption_cache:
-            if entry_y is y and entry_mask is mask and entry_key == key:
-                return captions
-        return None
-
-    def _cache_captions(self, y, mask, key, captions):
-        """Adds every block's keys and values to `captions`, stores them and returns them for this forward."""
+    def encode_captions(self, y, mask=None):
+        """Captions (B, L, C) or (B, 1, L, C) and their mask, encoded once for many forwards: the caption
+        projection and every block's cross-attention keys and values. Samplers call the model 20-100 times
+        with one caption batch; pass the result as `y` (with mask=None) instead of the features.
+        Valid for the weights it was computed with; no caption dropout."""
+        if y.ndim == 4:
+            y = y.squeeze(1)
+        captions = self.embed_captions(y.to(self.dtype), mask, y.shape[0])
         kv = [block.cross_attn.keys_values(captions.tokens, captions.key_mask, captions.pack_index)
               for block in self.blocks]
-        captions = captions._replace(kv=kv)
-        # The entry holds y and mask themselves, so their ids cannot be reused by other tensors while cached.
-        self._caption_cache.append((y, mask, key, captions))
-        del self._caption_cache[:-self.CAPTION_CACHE_ENTRIES]
-        return captions
+        return captions._replace(kv=kv)
 
     def forward_with_dpmsolver(self, x, timestep, y, mask=None, **kwargs):
         """The eps part of the output only, as DPM-Solver and SA-Solver expect."""
@@ -220,18 +189,19 @@ class PixArt(nn.Module):
         halves. `cfg_compat="official"` reproduces the reference (only channels 0-2 guided; PixArtMS also
         drops the mask) for anyone who must match published samples (SPEC section 9).
         """
+        guided_channels, keep_mask = self.cfg_compat_options(cfg_compat)
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), timestep, y, mask if keep_mask else None, data_info)
+        return apply_guidance(out, cfg_scale, guided_channels)
+
+    def cfg_compat_options(self, cfg_compat):
+        """(guided channels, keep the caption mask) of a `cfg_compat` mode: ours guides all latent channels
+        with the mask; "official" is the reference's `forward_with_cfg` (channels 0-2; PixArtMS drops the mask)."""
         if cfg_compat not in CFG_COMPAT_MODES:
             raise ValueError(f"cfg_compat must be one of {CFG_COMPAT_MODES}, got {cfg_compat!r}")
-        half = x[: len(x) // 2]
-        combined = torch.cat([half, half], dim=0)
-        if cfg_compat == "official" and self.official_cfg_drops_mask:
-            mask = None
-        out = self.forward(combined, timestep, y, mask, data_info)
-        guided = 3 if cfg_compat == "official" else self.in_channels
-        eps, rest = out[:, :guided], out[:, guided:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+        if cfg_compat == "official":
+            return 3, not self.official_cfg_drops_mask
+        return self.in_channels, True
 
     # The reference's PixArt.forward_with_cfg keeps the mask; only PixArtMS's drops it.
     official_cfg_drops_mask = False
@@ -287,7 +257,7 @@ class PixArt(nn.Module):
         # Compiled blocks run on CUDA only: on the CPU inductor's code rounds differently for different batch
         # layouts (a sample would depend on its batch-mates), and compiling costs more than it saves there.
         eager = self.compile_blocks and not x.is_cuda
-        tokens, key_mask, pack_index, kv = captions
+        tokens, key_mask, pack_index, kv, _ = captions
         for start in range(0, len(self.blocks), self.gc_step):
             segment = self.blocks[start:start + self.gc_step]
             segment_kv = None if kv is None else kv[start:start + self.gc_step]
@@ -323,6 +293,11 @@ class CaptionTokens(NamedTuple):
     key_mask: Optional[torch.Tensor]
     pack_index: Optional[torch.Tensor]
     kv: Optional[List[torch.Tensor]] = None
+    batch: int = None
+
+    @property
+    def batch_size(self):
+        return self.batch if self.batch is not None else self.tokens.shape[0]
 
 
 def _run_segment(blocks, x, y, t0, key_mask, pack_index, kv, force_eager=False):
@@ -331,28 +306,3 @@ def _run_segment(blocks, x, y, t0, key_mask, pack_index, kv, force_eager=False):
         for i, block in enumerate(blocks):
             x = block(x, y, t0, key_mask, pack_index, None if kv is None else kv[i])
     return x
-
-
-#################################################################################
-#                                 Presets                                       #
-#################################################################################
-
-MODELS.register(PixArt)
-
-
-XL_2_SHAPE = dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16)
-
-
-def build_preset(cls, shape, kwargs):
-    """`cls(**shape, **kwargs)`; restating a shape argument is allowed only with the preset's value."""
-    for key, value in shape.items():
-        if key in kwargs and kwargs[key] != value:
-            raise ValueError(f"{cls.__name__} preset fixes {key}={value}, got {key}={kwargs[key]}; "
-                             f"build {cls.__name__!r} with model_kwargs for other shapes")
-    return cls(**{**kwargs, **shape})
-
-
-@MODELS.register
-def PixArt_XL_2(**kwargs):
-    """The released 0.6B model: depth 28, hidden 1152, 16 heads, patch 2."""
-    return build_preset(PixArt, XL_2_SHAPE, kwargs)

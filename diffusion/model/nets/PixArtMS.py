@@ -1,8 +1,7 @@
 """PixArtMS: PixArt for any latent H x W, with image-size and aspect-ratio micro-conditions (SPEC section 4)."""
 import torch
 
-from diffusion.model.builder import MODELS
-from diffusion.model.nets.PixArt import XL_2_SHAPE, PixArt, build_preset
+from diffusion.model.nets.PixArt import PixArt
 from diffusion.model.nets.PixArt_blocks import SizeEmbedder, get_2d_sincos_pos_embed
 
 
@@ -52,12 +51,3 @@ class PixArtMS(PixArt):
         csize = self.csize_embedder(img_hw, batch_size)
         ar = self.ar_embedder(ratio, batch_size)
         return t + torch.cat([csize, ar], dim=1).to(t.dtype)
-
-
-@MODELS.register
-def PixArtMS_XL_2(**kwargs):
-    """The released 1024-MS model: depth 28, hidden 1152, 16 heads, patch 2."""
-    return build_preset(PixArtMS, XL_2_SHAPE, kwargs)
-
-
-MODELS.register(PixArtMS)

@@ -1,5 +1,5 @@
-"""Network definitions. Importing this package registers every model with `diffusion.model.builder.MODELS`."""
-from diffusion.model.nets.PixArt import PixArt, PixArt_XL_2
-from diffusion.model.nets.PixArtMS import PixArtMS, PixArtMS_XL_2
+"""Network definitions (model code only; `diffusion.model.builder` names and builds them)."""
+from diffusion.model.nets.PixArt import PixArt
+from diffusion.model.nets.PixArtMS import PixArtMS
 
-__all__ = ["PixArt", "PixArt_XL_2", "PixArtMS", "PixArtMS_XL_2"]
+__all__ = ["PixArt", "PixArtMS"]

@@ -1,0 +1,85 @@
+"""The samplers as small functions over one model interface, in a registry by name.
+
+Every sampler is `sample_x(model_fn, noise, steps, generator=None, progress=False) -> latents`, where
+`model_fn(x, timestep) -> output` takes latents (B, C, H, W) and the model's discrete timesteps (B,) and
+returns (B, C or 2C, H, W): eps, then the variance values when the model learned them. Guidance, captions,
+micro-conditions and any extra model input are bound into `model_fn` beforehand (`guided_model`), so no
+sampler knows about them. `generator`: a seed, a generator, or one per sample (each sample's draws then
+come from its own generator). The official entry points (`DPMS`, `SASolverSampler`, `IDDPM`, `LCMScheduler`)
+run the same solvers.
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+from .iddpm import IDDPM
+from .lcm_scheduler import LCMScheduler
+from .model.dpm_solver import DPMSolver, NoiseScheduleVP, continuous_time_model
+from .model.gaussian_diffusion import get_named_beta_schedule
+from .model.sa_solver import SASolver
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    fn: Callable
+    default_steps: int
+    guided: bool  # False: the model is distilled to need no guidance (LCM); a guidance scale is not used
+
+
+SAMPLERS = {}
+
+
+def register(name, default_steps, guided=True):
+    def add(fn):
+        if name in SAMPLERS:
+            raise KeyError(f"sampler {name!r} is registered twice")
+        SAMPLERS[name] = SamplerSpec(fn, default_steps, guided)
+        return fn
+    return add
+
+
+def get_sampler(name):
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {name!r}")
+    return SAMPLERS[name]
+
+
+def linear_schedule(num_timesteps=1000):
+    """The continuous-time view of PixArt's linear beta schedule (1e-4 to 0.02 over 1000 steps)."""
+    return NoiseScheduleVP(betas=get_named_beta_schedule("linear", num_timesteps))
+
+
+@register("dpm-solver", default_steps=20)
+def sample_dpm_solver(model_fn, noise, steps, generator=None, progress=False, order=2):
+    """DPM-Solver++ multistep of `order` on a time-uniform grid, as the released scripts; deterministic."""
+    schedule = linear_schedule()
+    solver = DPMSolver(continuous_time_model(model_fn, schedule), schedule, algorithm_type="dpmsolver++")
+    return solver.sample(noise, steps=steps, order=order, skip_type="time_uniform", method="multistep",
+                         progress=progress)
+
+
+@register("sa-solver", default_steps=25)
+def sample_sa_solver(model_fn, noise, steps, generator=None, progress=False, eta=1.0, predictor_order=2,
+                     corrector_order=2, schedule=None):
+    """SA-Solver with the released settings: predictor and corrector of order 2, PEC, a time-uniform grid and
+    stochasticity tau(t) = eta on 0.2 <= t <= 0.8 (the official scripts pass eta = 1)."""
+    schedule = schedule or linear_schedule()
+
+    def tau(t):
+        return eta if 0.2 <= t <= 0.8 else 0.0
+
+    return SASolver(continuous_time_model(model_fn, schedule), schedule).sample(
+        noise, steps=steps, tau=tau, predictor_order=predictor_order, corrector_order=corrector_order, skip_type="time", pc_mode="PEC",
+        generator=generator, progress=progress)
+
+
+@register("iddpm", default_steps=100)
+def sample_iddpm(model_fn, noise, steps, generator=None, progress=False):
+    """Ancestral sampling with the learned variance on `steps` respaced timesteps, unclipped."""
+    return IDDPM(str(steps)).p_sample_loop(model_fn, tuple(noise.shape), noise, clip_denoised=False,
+                                          device=noise.device, progress=progress, generator=generator)
+
+
+@register("lcm", default_steps=4, guided=False)
+def sample_lcm(model_fn, noise, steps, generator=None, progress=False):
+    """Latent-consistency multi-step sampling (PixArt-LCM: guidance distilled into the model)."""
+    return LCMScheduler().sample(model_fn, noise, steps, generator=generator, progress=progress)
