@@ -83,7 +83,7 @@ save_image_epochs = 1  # inert, read by nothing (INERT_KEYS): epochs between eva
 save_model_epochs = 1  # epochs between checkpoints
 save_model_steps = 1000000  # steps between checkpoints
 max_steps = None  # run exactly this many optimizer steps (however many epochs), then checkpoint; None = num_epochs
-keep_last_n = None  # keep only the newest N checkpoints in work_dir/checkpoints (None or 0 = keep all)
+keep_last_n = None  # keep only the run's newest N checkpoints (its run dir's checkpoints/; None or 0 = keep all)
 max_nonfinite_steps = 20  # consecutive steps with a non-finite loss/gradients before the run stops
 eval_interval = 0  # steps between validation grids of validation_prompts in work_dir/vis (0 = never)
 validation_prompts = []  # prompts sampled with the EMA weights every eval_interval steps

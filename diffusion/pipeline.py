@@ -40,7 +40,7 @@ from diffusion.utils.diffusers_interop import (
 SAMPLERS = tuple(SAMPLER_REGISTRY)
 DEFAULT_STEPS = {name: spec.default_steps for name, spec in SAMPLER_REGISTRY.items()}
 # The fewest steps each sampler takes: the registry's DPM-Solver++ and SA-Solver are order-2 multistep solvers.
-MIN_STEPS = {name: 2 if name in ("dpm-solver", "sa-solver") else 1 for name in SAMPLER_REGISTRY}
+MIN_STEPS = {name: spec.min_steps for name, spec in SAMPLER_REGISTRY.items()}
 _SIZE_FLAG = re.compile(r"\s--(ar|aspect_ratio|hw)\s+(\d+(?:\.\d+)?):(\d+(?:\.\d+)?)\s*$")
 _ANY_SIZE_FLAG = re.compile(r"\s--(ar|aspect_ratio|hw)\b")
 

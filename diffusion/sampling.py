@@ -23,16 +23,17 @@ class SamplerSpec:
     fn: Callable
     default_steps: int
     guided: bool  # False: the model is distilled to need no guidance (LCM); a guidance scale is not used
+    min_steps: int = 1  # the order-2 multistep solvers need two
 
 
 SAMPLERS = {}
 
 
-def register(name, default_steps, guided=True):
+def register(name, default_steps, guided=True, min_steps=1):
     def add(fn):
         if name in SAMPLERS:
             raise KeyError(f"sampler {name!r} is registered twice")
-        SAMPLERS[name] = SamplerSpec(fn, default_steps, guided)
+        SAMPLERS[name] = SamplerSpec(fn, default_steps, guided, min_steps)
         return fn
     return add
 
@@ -48,7 +49,7 @@ def linear_schedule(num_timesteps=1000):
     return NoiseScheduleVP(betas=get_named_beta_schedule("linear", num_timesteps))
 
 
-@register("dpm-solver", default_steps=20)
+@register("dpm-solver", default_steps=20, min_steps=2)
 def sample_dpm_solver(model_fn, noise, steps, generator=None, progress=False, order=2):
     """DPM-Solver++ multistep of `order` on a time-uniform grid, as the released scripts; deterministic."""
     schedule = linear_schedule()
@@ -57,7 +58,7 @@ def sample_dpm_solver(model_fn, noise, steps, generator=None, progress=False, or
                          progress=progress)
 
 
-@register("sa-solver", default_steps=25)
+@register("sa-solver", default_steps=25, min_steps=2)
 def sample_sa_solver(model_fn, noise, steps, generator=None, progress=False, eta=1.0, predictor_order=2,
                      corrector_order=2, schedule=None):
     """SA-Solver with the released settings: predictor and corrector of order 2, PEC, a time-uniform grid and

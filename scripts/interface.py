@@ -18,9 +18,9 @@ import torch
 from diffusion.pipeline import load_pipeline
 from diffusion.release import DTYPES, RELEASED_IMAGE_SIZES, RELEASED_T5_DIR, RELEASED_VAE_DIR
 from diffusion.train.state import list_checkpoints
+from diffusion.utils.arguments import device_name, positive_int
 from diffusion.utils.checkpoint import CheckpointError
 from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
-from scripts.inference import device_name, positive_int
 
 TOY_CONFIG = "configs/pixart_config/PixArt_toy_shapes.py"
 TOY_WORK_DIR = "output/quickstart/train"

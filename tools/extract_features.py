@@ -32,15 +32,9 @@ from diffusion.data.datasets import InternalDataMS, build_dataset_from_config, d
 from diffusion.data.errors import DataError
 from diffusion.data.extract import FeatureExtractor, shard_indices
 from diffusion.release import DTYPES
+from diffusion.utils.arguments import positive_int
 from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
 from diffusion.utils.cpu import idle_cpu_threads
-
-
-def positive_int(text):
-    """argparse type: an integer >= 1."""
-    if not text.strip().lstrip('+').isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f'expected an integer >= 1, got {text!r}')
-    return int(text)
 
 
 def build_parser():

@@ -380,7 +380,7 @@ VALUE_RULES = {
     'max_nonfinite_steps': _at_least(1),
     'eval_interval': _at_least(0, ' (0: no validation grids)'),
     'validation_prompts': _strings(),
-    'validation_steps': _at_least(1),
+    'validation_steps': _at_least(2, ' (the validation grids sample with DPM-Solver++ of order 2)'),
     'log_interval': _at_least(1),
     'work_dir': _PATH,
     'data.root': _Rule(lambda v: isinstance(v, str), 'a folder name under data_root (a string)'),
