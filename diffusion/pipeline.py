@@ -189,8 +189,9 @@ class Pipeline:
 
         negative: optional (features (1|B, L, C), mask (1|B, L)) used as the unconditional caption instead of
         the null caption; cfg_compat="official": the reference's `forward_with_cfg` guidance for IDDPM (SPEC
-        section 9); progress: callable(step, total) or None; extra_inputs: further per-sample model inputs by
-        name (batch B), given to both halves of a guided batch."""
+        section 9); progress: callable(step, total) or None; extra_inputs: further model inputs by name, given
+        to both halves of a guided batch: tensors of batch B (one per image) or 1 (shared by every image, e.g.
+        one ControlNet control latent `c` for all prompts), other values as they are (`conditioning_scale`)."""
         spec = get_sampler(sampler)
         steps = spec.default_steps if steps is None else int(steps)
         check_steps(sampler, steps)
@@ -201,7 +202,8 @@ class Pipeline:
         noise = noise.to(self.device, self.dtype)
         data_info = {"img_hw": torch.tensor([[float(height), float(width)]] * B, device=self.device),
                      "aspect_ratio": torch.tensor([[height / width]] * B, device=self.device)}
-        cond = dict(y=features, mask=mask.to(self.device), data_info=data_info, **(extra_inputs or {}))
+        cond = dict(y=features, mask=mask.to(self.device), data_info=data_info,
+                    **per_image_inputs(extra_inputs or {}, B, self.device))
         scale = cfg_scale if spec.guided else 1.0
         # The released scripts guide only IDDPM through forward_with_cfg, so only there is the compat mode theirs.
         guided_channels, keep_mask = self.model.cfg_compat_options(cfg_compat if sampler == "iddpm" else "fixed")
@@ -220,6 +222,20 @@ class Pipeline:
         latents = spec.fn(model_fn, noise, steps, generator=[int(s) for s in seeds])
         images = self.vae.decode(latents.to(self.vae.dtype) / self.scale_factor).sample
         return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def per_image_inputs(inputs, batch_size, device):
+    """Extra model inputs with every tensor on `device` at the batch `batch_size`: a tensor of batch 1 is shared by
+    every image (expanded); any other batch is an error naming the input. Non-tensors pass unchanged."""
+    out = {}
+    for name, value in inputs.items():
+        if torch.is_tensor(value):
+            if value.ndim == 0 or value.shape[0] not in (1, batch_size):
+                raise ValueError(f"extra input {name!r} is {tuple(value.shape)}; expected batch {batch_size} (one per "
+                                 "image) or 1 (shared by every image)")
+            value = value.to(device).expand(batch_size, *value.shape[1:])
+        out[name] = value
+    return out
 
 
 class _StepCounter:

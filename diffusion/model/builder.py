@@ -1,10 +1,10 @@
-"""Build a network by its registered name, from a config or directly (`build_model('PixArt_XL_2', ...)`), and
-tell multi-scale models from single-scale ones."""
+"""Build a network by its registered name, from a config or directly (`build_model('PixArt_XL_2', ...)`), wrap
+one in a ControlNet (`build_controlnet`), and tell multi-scale models from single-scale ones."""
 from collections.abc import Mapping
 
 import torch
 
-from diffusion.model.nets import PixArt, PixArtMS
+from diffusion.model.nets import ControlPixArtHalf, ControlPixArtMSHalf, PixArt, PixArtMS
 from diffusion.release import VAE_DOWNSAMPLE, XL_2_SHAPE
 from diffusion.utils.names import lookup
 
@@ -45,14 +45,26 @@ def build_model(cfg, use_grad_checkpoint=False, use_fp32_attention=False, gc_ste
                **{**kwargs, **shape})
 
 
+# The released ControlNets copy 13 of the 28 base blocks (PIXART-delta).
+DEFAULT_COPY_BLOCKS_NUM = 13
+
+
+def build_controlnet(base_model, copy_blocks_num=DEFAULT_COPY_BLOCKS_NUM):
+    """The ControlNet over `base_model`: ControlPixArtMSHalf for a PixArtMS, else ControlPixArtHalf."""
+    cls = ControlPixArtMSHalf if isinstance(base_model, PixArtMS) else ControlPixArtHalf
+    return cls(base_model, copy_blocks_num=copy_blocks_num)
+
+
 def is_multi_scale(model):
     """Whether `model` is multi-scale: a PixArtMS, which takes the image-size and aspect-ratio micro-conditions
-    (SPEC section 4). `model` is a network, a registered name or a config's `model` entry, or a PixArt state
-    dict (which then holds the `csize_embedder` weights)."""
+    (SPEC section 4). `model` is a network (a ControlNet: its base), a registered name or a config's `model` entry,
+    or a PixArt or ControlNet state dict (which then holds the `csize_embedder` weights)."""
+    if isinstance(model, ControlPixArtHalf):
+        model = model.base_model
     if isinstance(model, torch.nn.Module):
         return isinstance(model, PixArtMS)
     if isinstance(model, Mapping) and "type" not in model:
-        return any(key.startswith("csize_embedder.") for key in model)
+        return any(key.startswith(("csize_embedder.", "base_model.csize_embedder.")) for key in model)
     cls, _ = lookup(MODELS, _name_and_arguments(model)[0], "model")
     return issubclass(cls, PixArtMS)
 

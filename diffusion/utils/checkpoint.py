@@ -15,8 +15,9 @@ import torch
 
 from diffusion.utils.fileio import atomic_write
 
-# Buffers the model derives itself; a checkpoint's copy (possibly at another resolution) is not used.
-REGENERATED_KEYS = ("pos_embed",)
+# Buffers the model derives itself; a checkpoint's copy (possibly at another resolution) is not used. A ControlNet
+# (nets/pixart_controlnet.py) holds its base model's table under `base_model.`.
+REGENERATED_KEYS = ("pos_embed", "base_model.pos_embed")
 _LIST_LIMIT = 40
 
 
@@ -32,6 +33,7 @@ class LoadReport:
     unexpected: list = field(default_factory=list)   # file keys the model lacks (non-strict loads only)
     regenerated: list = field(default_factory=list)  # file keys ignored because the model derives them
     stripped_prefix: str = ""                        # e.g. 'module.' of a DDP-wrapped save
+    derived: list = field(default_factory=list)      # model keys the file lacks, computed from loaded weights
 
     def summary(self):
         parts = [f"loaded {self.path}"]
@@ -39,6 +41,8 @@ class LoadReport:
             parts.append(f"stripped prefix {self.stripped_prefix!r}")
         if self.regenerated:
             parts.append(f"regenerated {self.regenerated}")
+        if self.derived:
+            parts.append(f"derived from the loaded weights {_key_list(self.derived)}")
         if self.missing:
             parts.append(f"missing (kept initialised) {_key_list(self.missing)}")
         if self.unexpected:

@@ -128,6 +128,14 @@ class PixArt(nn.Module):
 
     # ------------------------------------------------------------- forward
     def forward(self, x, timestep, y, mask=None, data_info=None, force_drop_ids=None):
+        x, captions, t, t0, (h, w) = self.embed_inputs(x, timestep, y, mask, data_info, force_drop_ids)
+        x = self._run_blocks(x, captions, t0)
+        return self.decode_tokens(x, t, h, w)
+
+    def embed_inputs(self, x, timestep, y, mask=None, data_info=None, force_drop_ids=None):
+        """Everything of a forward before the blocks: (tokens (B, h*w, D), CaptionTokens, t, t0, (h, w)).
+        Split out so that a wrapper (the ControlNet) can run its own block loop between this and
+        `decode_tokens`."""
         B = x.shape[0]
         h, w = self._token_grid(x)
         dtype = self.dtype
@@ -147,9 +155,11 @@ class PixArt(nn.Module):
         t = self.t_embedder(self._timesteps(timestep, B, x.device))
         t = self.add_micro_conditions(t, data_info, B)
         t0 = self.t_block(t)
-        x = self._run_blocks(x, captions, t0)
-        x = self.final_layer(x, t)
-        return self.unpatchify(x, h, w)
+        return x, captions, t, t0, (h, w)
+
+    def decode_tokens(self, x, t, h, w):
+        """Everything of a forward after the blocks: the final layer, then tokens -> (B, out_channels, H, W)."""
+        return self.unpatchify(self.final_layer(x, t), h, w)
 
     def embed_captions(self, y, mask, batch_size, force_drop_ids=None):
         """The caption side of a forward: `CaptionTokens` with the projected tokens, the key mask (None when

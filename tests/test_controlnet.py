@@ -1,0 +1,298 @@
+"""ControlNet-Transformer (PIXART-delta): released layout, the control math, loading and controlled sampling."""
+import json
+
+import pytest
+import torch
+
+from diffusion.model.builder import build_controlnet, is_multi_scale
+from diffusion.model.nets import ControlPixArtHalf, ControlPixArtMSHalf, PixArt, PixArtMS
+from diffusion.model.nets.PixArt_blocks import get_2d_sincos_pos_embed
+from diffusion.model.nets.pixart_controlnet import ControlNetError
+from diffusion.pipeline import Pipeline
+from diffusion.utils.checkpoint import CheckpointError
+from tests.conftest import SHARED_REF, TINY, randomize, tiny_inputs
+
+CONTROL_MANIFESTS = sorted(SHARED_REF.glob("manifest_Control*.json"))
+BASES = {"PixArt": PixArt, "PixArtMS": PixArtMS}
+WRAPPERS = {"ControlPixArtHalf": ControlPixArtHalf, "ControlPixArtMSHalf": ControlPixArtMSHalf}
+DEPTH, COPIES = 4, 2
+
+
+def tiny_base(cls=PixArt, seed=0):
+    torch.manual_seed(seed)
+    return randomize(cls(**{**TINY, "depth": DEPTH}), seed=seed).eval()
+
+
+def tiny_controlnet(cls=PixArt, seed=0, random_projections=True):
+    """A ControlNet over a random tiny base; with `random_projections` every control weight is random too."""
+    model = build_controlnet(tiny_base(cls, seed), copy_blocks_num=COPIES).eval()
+    if random_projections:
+        randomize(model.controlnet, seed=seed + 100)
+    return model
+
+
+def control_latent(batch, height=8, width=8, seed=5):
+    return torch.randn(batch, 4, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- the released layout
+def test_both_released_controlnet_manifests_are_present():
+    assert [p.stem for p in CONTROL_MANIFESTS] == ["manifest_ControlPixArtHalf_XL_2_512",
+                                                   "manifest_ControlPixArtMSHalf_XL_2_1024"]
+
+
+def meta_controlnet(manifest):
+    with torch.device("meta"):  # no XL weights are allocated
+        base = BASES[manifest["base_class"]](**manifest["base_constructor_kwargs"])
+        return WRAPPERS[manifest["wrapper_class"]](base, **manifest["control_constructor_kwargs"])
+
+
+@pytest.mark.parametrize("path", CONTROL_MANIFESTS, ids=lambda p: p.stem)
+def test_controlnet_has_exactly_the_released_keys_shapes_kinds_and_counts(path):
+    manifest = json.loads(path.read_text())
+    model = meta_controlnet(manifest)
+    params, buffers, state = dict(model.named_parameters()), dict(model.named_buffers()), model.state_dict()
+    assert list(state) == list(manifest["state_dict"])
+    for key, entry in manifest["state_dict"].items():
+        assert list(state[key].shape) == entry["shape"], key
+        assert str(state[key].dtype).replace("torch.", "") == entry["dtype"], key
+        assert (key in params) == (entry["kind"] == "parameter"), key
+        assert (key in buffers) == (entry["kind"] == "buffer"), key
+    assert sum(p.numel() for p in model.parameters()) == manifest["num_parameters"]
+    assert sum(p.numel() for p in model.controlnet.parameters()) == manifest["num_parameters_controlnet"]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == manifest["num_parameters_trainable"]
+    assert sum(t.numel() for t in state.values()) == manifest["num_state_dict_elements"]
+    assert is_multi_scale(model) == (manifest["base_class"] == "PixArtMS")
+
+
+@pytest.mark.parametrize("copies", [0, DEPTH, DEPTH + 1])
+def test_copy_blocks_num_outside_1_to_depth_minus_1_is_refused(copies):
+    with pytest.raises(ControlNetError, match=rf"copy_blocks_num must be an integer in 1\.\.{DEPTH - 1}"):
+        ControlPixArtHalf(tiny_base(), copy_blocks_num=copies)
+
+
+def test_each_wrapper_takes_only_its_kind_of_base_model():
+    with pytest.raises(ControlNetError, match="use ControlPixArtMSHalf"):
+        ControlPixArtHalf(tiny_base(PixArtMS), copy_blocks_num=COPIES)
+    with pytest.raises(ControlNetError, match="use ControlPixArtHalf"):
+        ControlPixArtMSHalf(tiny_base(PixArt), copy_blocks_num=COPIES)
+
+
+def test_copies_start_as_the_base_blocks_with_zero_projections_and_only_they_train():
+    model = tiny_controlnet(random_projections=False)
+    for j, branch in enumerate(model.controlnet):
+        for (name, a), (_, b) in zip(branch.copied_block.state_dict().items(),
+                                     model.base_model.blocks[j].state_dict().items()):
+            assert torch.equal(a, b), (j, name)
+        assert not branch.after_proj.weight.any() and not branch.after_proj.bias.any()
+    assert not model.controlnet[0].before_proj.weight.any()
+    assert all(p.requires_grad for p in model.controlnet.parameters())
+    assert not any(p.requires_grad for p in model.base_model.parameters())
+
+
+# ---------------------------------------------------------------- the forward
+def ms_inputs(batch=3, height=8, width=8):
+    x, t, y, mask, data_info = tiny_inputs(batch, height, width)
+    return x, t, y, mask, data_info
+
+
+@pytest.mark.parametrize("cls", [PixArt, PixArtMS])
+def test_c_none_is_the_plain_base_forward_bit_for_bit(cls):
+    model = tiny_controlnet(cls)
+    x, t, y, mask, data_info = tiny_inputs()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y, mask, data_info), model.base_model(x, t, y, mask, data_info))
+
+
+@pytest.mark.parametrize("cls", [PixArt, PixArtMS])
+def test_zero_initialised_projections_reproduce_the_base_model(cls):
+    model = tiny_controlnet(cls, random_projections=False)
+    x, t, y, mask, data_info = tiny_inputs()
+    with torch.no_grad():
+        controlled = model(x, t, y, mask, data_info, c=control_latent(3))
+        assert torch.equal(controlled, model.base_model(x, t, y, mask, data_info))
+
+
+def test_conditioning_scale_zero_is_the_base_model():
+    model = tiny_controlnet()
+    x, t, y, mask, data_info = tiny_inputs()
+    with torch.no_grad():
+        base = model.base_model(x, t, y, mask, data_info)
+        torch.testing.assert_close(model(x, t, y, mask, data_info, c=control_latent(3), conditioning_scale=0.0),
+                                   base, rtol=0, atol=0)
+        assert (model(x, t, y, mask, data_info, c=control_latent(3)) - base).abs().max() > 1e-3
+
+
+def reference_forward(model, x, timestep, y, mask, data_info, c, scale=1.0):
+    """The stated math, written out from the base model's parts: x = B_0(x); h = C_0(x + before_proj(c_tok)),
+    h = C_j(h); x = B_{j+1}(x + scale * after_proj_j(h)); the remaining base blocks; the final layer."""
+    base = model.base_model
+    B, _, H, W = x.shape
+    p, D = base.patch_size, base.hidden_size
+    h, w = H // p, W // p
+    pos = get_2d_sincos_pos_embed(D, (h, w), base.lewei_scale, base.base_size).float()[None]
+    tokens = base.x_embedder.proj(x).flatten(2).transpose(1, 2) + pos
+    c_tokens = base.x_embedder.proj(c).flatten(2).transpose(1, 2) + pos
+    t = base.t_embedder(timestep)
+    if isinstance(base, PixArtMS):
+        t = t + torch.cat([base.csize_embedder(data_info["img_hw"], B),
+                           base.ar_embedder(data_info["aspect_ratio"], B)], dim=1)
+    t0 = base.t_block(t)
+    captions = base.y_embedder.y_proj(y)
+    key_mask = mask.bool()
+    blocks = [lambda z, blk=blk: blk(z, captions, t0, key_mask) for blk in base.blocks]
+    copies = [lambda z, blk=br.copied_block: blk(z, captions, t0, key_mask) for br in model.controlnet]
+    tokens = blocks[0](tokens)
+    hidden = model.controlnet[0].before_proj(c_tokens) + tokens
+    for j in range(model.copy_blocks_num):
+        hidden = copies[j](hidden)
+        tokens = blocks[j + 1](tokens + scale * model.controlnet[j].after_proj(hidden))
+    for k in range(model.copy_blocks_num + 1, len(blocks)):
+        tokens = blocks[k](tokens)
+    out = base.final_layer(tokens, t).reshape(B, h, w, p, p, base.out_channels)
+    return torch.einsum("nhwpqc->nchpwq", out).reshape(B, base.out_channels, H, W)
+
+
+@pytest.mark.parametrize("cls, hw", [(PixArt, (8, 8)), (PixArtMS, (8, 12))], ids=["PixArt", "PixArtMS-8x12"])
+def test_forward_is_the_stated_control_math(cls, hw):
+    model = tiny_controlnet(cls)
+    x, t, y, mask, data_info = tiny_inputs(3, *hw)
+    c = control_latent(3, *hw)
+    with torch.no_grad():
+        for scale in (1.0, 0.6):
+            torch.testing.assert_close(model(x, t, y, mask, data_info, c=c, conditioning_scale=scale),
+                                       reference_forward(model, x, t, y, mask, data_info, c, scale),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_a_control_of_batch_1_is_shared_by_every_sample():
+    model = tiny_controlnet()
+    x, t, y, mask, data_info = tiny_inputs()
+    c = control_latent(1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y, mask, c=c), model(x, t, y, mask, c=c.expand(3, -1, -1, -1)),
+                                   rtol=0, atol=1e-6)
+
+
+def test_a_control_of_another_shape_is_refused_with_both_shapes():
+    model = tiny_controlnet()
+    x, t, y, mask, _ = tiny_inputs()
+    with pytest.raises(ControlNetError, match=r"must be \(1 or 3, 4, 8, 8\) like the latents, got \(2, 4, 8, 8\)"):
+        model(x, t, y, mask, c=control_latent(2))
+
+
+def test_encoded_captions_give_the_same_controlled_forward():
+    model = tiny_controlnet()
+    x, t, y, mask, _ = tiny_inputs()
+    c = control_latent(3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, model.encode_captions(y, mask), c=c), model(x, t, y, mask, c=c),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_forward_with_cfg_is_guided_by_the_control():
+    model = tiny_controlnet()
+    x, t, y, mask, _ = tiny_inputs(2)
+    null = model.y_embedder.y_embedding[None].expand(2, -1, -1)
+    c = control_latent(2)
+    with torch.no_grad():
+        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 3.0, c=c, mask=mask)
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), mask, c=torch.cat([c, c]))
+        cond, uncond = both[:, :4].chunk(2)
+        torch.testing.assert_close(out[:2, :4], uncond + 3.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
+        plain = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 3.0, mask=mask)
+        assert (out - plain).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- weights
+def test_released_layout_round_trips_strictly():
+    source, target = tiny_controlnet(seed=0), tiny_controlnet(seed=1)
+    report = target.load_weights(source.state_dict(), source="control.pth")
+    assert report.missing == [] and report.unexpected == [] and report.derived == []
+    for (name, a), (_, b) in zip(source.state_dict().items(), target.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_plain_pixart_checkpoint_fills_the_base_model_and_the_copies_start_from_it():
+    plain = tiny_base(seed=3)
+    model = tiny_controlnet(seed=0)  # random copies and projections, to be replaced
+    report = model.load_weights(plain.state_dict(), source="PixArt.pth")
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(model.base_model.state_dict()[name], tensor), name
+    for j, branch in enumerate(model.controlnet):
+        for name, tensor in plain.blocks[j].state_dict().items():
+            assert torch.equal(branch.copied_block.state_dict()[name], tensor), (j, name)
+        assert not branch.after_proj.weight.any()
+    assert report.derived == [k for k in model.state_dict() if k.startswith("controlnet.")]
+    assert "derived from the loaded weights" in report.summary()
+
+
+def test_a_checkpoint_of_the_wrong_layout_fails_naming_keys():
+    model = tiny_controlnet()
+    partial = {k: v for k, v in model.state_dict().items() if "after_proj" not in k}
+    with pytest.raises(CheckpointError, match=r"missing keys \[controlnet\.0\.after_proj\.bias"):
+        model.load_weights(partial, source="broken.pth")
+    plain = tiny_base().state_dict()
+    renamed = {k.replace("blocks.", "blocks.0.base_block.", 1) if k.startswith("blocks.") else k: v
+               for k, v in plain.items()}  # the reference's renaming of a plain checkpoint
+    with pytest.raises(CheckpointError, match=r"missing keys \[blocks\.0\.attn"):
+        model.load_weights(renamed, source="renamed.pth")
+    mixed = dict(plain, **{"controlnet.0.after_proj.bias": torch.zeros(TINY["hidden_size"])})
+    with pytest.raises(CheckpointError, match="mixes the ControlNet layout"):
+        model.load_weights(mixed, source="mixed.pth")
+
+
+# ---------------------------------------------------------------- sampling
+class LatentsOut:
+    """A stand-in VAE whose decode returns the latents, so samples compare as latents."""
+    dtype = torch.float32
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def eval(self):
+        return self
+
+    def decode(self, z):
+        return type("Decoded", (), {"sample": z})()
+
+
+def sample(model, y, mask, c, seeds, sampler, steps, cfg_scale=3.0, **extra):
+    # float64: what is compared is the control path, not batch-size-dependent float32 rounding that the random
+    # tiny model amplifies over the steps
+    pipe = Pipeline(model, LatentsOut(), scale_factor=1.0, dtype=torch.float64)
+    inputs = {} if c is None else dict(c=c, **extra)
+    return pipe.sample(y, mask, 64, 64, seeds, sampler, steps, cfg_scale=cfg_scale, extra_inputs=inputs)
+
+
+@pytest.mark.parametrize("sampler, steps", [("dpm-solver", 3), ("sa-solver", 3), ("iddpm", 4), ("lcm", 2)])
+def test_controlled_sampling_of_several_prompts_equals_each_prompt_alone(sampler, steps):
+    model = tiny_controlnet()
+    _, _, y, mask, _ = tiny_inputs(3)
+    c = control_latent(3)
+    together = sample(model, y, mask, c, [1, 2, 3], sampler, steps)
+    for i in range(3):
+        alone = sample(model, y[i:i + 1], mask[i:i + 1], c[i:i + 1], [i + 1], sampler, steps)
+        torch.testing.assert_close(together[i:i + 1], alone, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler, steps", [("iddpm", 4), ("dpm-solver", 3)])
+def test_sampling_with_a_control_differs_from_sampling_without_it(sampler, steps):
+    model = tiny_controlnet()
+    _, _, y, mask, _ = tiny_inputs(2)
+    controlled = sample(model, y, mask, control_latent(2), [1, 2], sampler, steps)
+    plain = sample(model, y, mask, None, [1, 2], sampler, steps)
+    assert (controlled - plain).abs().max() > 1e-3
+    unscaled = sample(model, y, mask, control_latent(2), [1, 2], sampler, steps, conditioning_scale=0.0)
+    torch.testing.assert_close(unscaled, plain, rtol=0, atol=1e-5)
+
+
+def test_one_control_latent_is_shared_by_every_prompt_in_sampling():
+    model = tiny_controlnet(PixArtMS)
+    _, _, y, mask, _ = tiny_inputs(2)
+    c = control_latent(1)
+    shared = sample(model, y, mask, c, [1, 2], "dpm-solver", 3)
+    torch.testing.assert_close(shared, sample(model, y, mask, c.expand(2, -1, -1, -1), [1, 2], "dpm-solver", 3),
+                               rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"extra input 'c' is \(3, 4, 8, 8\); expected batch 2"):
+        sample(model, y, mask, control_latent(3), [1, 2], "dpm-solver", 3)
