@@ -296,3 +296,83 @@ def test_one_control_latent_is_shared_by_every_prompt_in_sampling():
                                rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=r"extra input 'c' is \(3, 4, 8, 8\); expected batch 2"):
         sample(model, y, mask, control_latent(3), [1, 2], "dpm-solver", 3)
+
+
+def test_the_official_dpms_entry_point_doubles_the_control_for_several_prompts():
+    from diffusion.dpm_solver import DPMS
+    model = tiny_controlnet()
+    x, _, y, mask, _ = tiny_inputs(2)
+    null = model.y_embedder.y_embedding[None]
+    c = control_latent(2)
+    with torch.no_grad():
+        controlled = DPMS(model.forward_with_dpmsolver, y, null, 3.0, dict(mask=mask, c=c)).sample(x, steps=3)
+        alone = DPMS(model.forward_with_dpmsolver, y[1:], null, 3.0, dict(mask=mask[1:], c=c[1:])).sample(x[1:], steps=3)
+        plain = DPMS(model.forward_with_dpmsolver, y, null, 3.0, dict(mask=mask)).sample(x, steps=3)
+    torch.testing.assert_close(controlled[1:], alone, rtol=0, atol=1e-3)
+    assert (controlled - plain).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- conditions
+def square_photo(size=64, box=(16, 16, 48, 48)):
+    from PIL import Image, ImageDraw
+    image = Image.new("RGB", (size, size), "black")
+    ImageDraw.Draw(image).rectangle(box, fill="white")
+    return image
+
+
+def test_canny_condition_marks_the_outline_of_a_shape_and_nothing_else():
+    from diffusion.data.conditions import make_condition
+    condition = make_condition(square_photo(), 64, 64, "canny")
+    assert condition.shape == (1, 3, 64, 64)
+    assert set(condition.unique().tolist()) == {-1.0, 1.0}
+    edges = condition[0, 0] > 0
+    assert edges[16, 20:44].all() or edges[15, 20:44].all() or edges[17, 20:44].all()  # the top side
+    assert not edges[24:40, 24:40].any() and not edges[:8].any()  # inside and far outside: no edge
+
+
+def test_a_ready_condition_image_is_used_as_it_is_and_other_sizes_are_resized_with_a_notice():
+    from diffusion.data.conditions import ConditionResizedWarning, make_condition
+    image = square_photo()
+    condition = make_condition(image, 64, 64, "image")
+    torch.testing.assert_close(condition[0, 0, 16, 16], torch.tensor(1.0))
+    torch.testing.assert_close(condition[0, 0, 0, 0], torch.tensor(-1.0))
+    with pytest.warns(ConditionResizedWarning, match="64x64 .*resized.* 32x16"):
+        assert make_condition(image, 16, 32, "image").shape == (1, 3, 16, 32)
+
+
+def test_hed_without_its_checkpoint_is_a_named_error_saying_which_file(tmp_path):
+    from diffusion.model.hed import HEDCheckpointNotFound, load_hed
+    with pytest.raises(HEDCheckpointNotFound, match="ControlNetHED.pth of lllyasviel/Annotators"):
+        load_hed(tmp_path / "ControlNetHED.pth")
+
+
+def test_hed_loads_the_annotator_layout_strictly_and_gives_soft_edges(tmp_path):
+    from diffusion.data.conditions import make_condition
+    from diffusion.model.hed import ControlNetHED_Apache2, load_hed
+    from diffusion.utils.checkpoint import CheckpointError
+    torch.manual_seed(0)
+    network = ControlNetHED_Apache2()
+    assert [k for k in network.state_dict()][:5] == ["norm", "block1.convs.0.weight", "block1.convs.0.bias",
+                                                     "block1.convs.1.weight", "block1.convs.1.bias"]
+    torch.save(network.state_dict(), tmp_path / "ControlNetHED.pth")
+    hed = load_hed(tmp_path / "ControlNetHED.pth")
+    condition = make_condition(square_photo(32, (8, 8, 24, 24)), 32, 32, "hed", hed=hed)
+    assert condition.shape == (1, 3, 32, 32) and condition.min() >= -1 and condition.max() <= 1
+    torch.save({k: v for k, v in network.state_dict().items() if k != "norm"}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \[norm\]"):
+        load_hed(tmp_path / "bad.pth")
+
+
+def test_control_latent_is_the_scaled_vae_encoding_of_the_condition():
+    from diffusion.data.conditions import control_latent, make_condition
+    from tests.data_fixtures import tiny_vae
+    vae = tiny_vae()
+    condition = make_condition(square_photo(), 64, 64, "canny")
+    c = control_latent(vae, condition, 0.18215)
+    with torch.no_grad():
+        mean = vae.encode(condition).latent_dist.mean
+    assert c.shape == (1, 4, 8, 8)
+    torch.testing.assert_close(c, mean * 0.18215)
+    drawn = [control_latent(vae, condition, 0.18215, sample_posterior=True, generator=torch.Generator().manual_seed(1))
+             for _ in range(2)]
+    torch.testing.assert_close(drawn[0], drawn[1])
