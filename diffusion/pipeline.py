@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from diffusion.data.aspect_ratios import aspect_ratio_table, closest_bucket, table_names
-from diffusion.model.builder import build_model, build_model_from_config, is_multi_scale
+from diffusion.model.builder import build_controlnet, build_model, build_model_from_config, is_multi_scale
+from diffusion.model.nets.pixart_controlnet import controlnet_copy_count
 from diffusion.model.guidance import cfg_inputs, guided_model
 from diffusion.model.t5 import CaptionTokenizer, T5Embedder
 from diffusion.release import (
@@ -129,8 +130,10 @@ def load_transformer(model_path, config=None, image_size=None, use_ema=True):
     """A PixArt/PixArtMS in eval mode with weights from `model_path`: one of our checkpoints (EMA weights when
     it has them and `use_ema`), a released `.pth`, a `.safetensors` file (diffusers' names too), or a diffusers
     transformer folder. The architecture comes from the folder, or from `config` (a loaded config), or from
-    `image_size` (the released XL/2 models: MS at 1024)."""
+    `image_size` (the released XL/2 models: MS at 1024). A ControlNet checkpoint (the released
+    PixArt-XL-2-*-ControlNet.pth layout, told by its `controlnet.*` keys) gives the ControlNet over that model."""
     path = Path(model_path)
+    copies = 0
     if path.is_dir():
         arch, state_dict = load_diffusers_transformer(path)
         model = build_pixart(arch)
@@ -138,12 +141,18 @@ def load_transformer(model_path, config=None, image_size=None, use_ema=True):
         model = _model_for_file(path, config, image_size)
         checkpoint = read_checkpoint(path)  # read once: released XL files are 2.4 GB
         state_dict = state_dict_of(checkpoint, path, use_ema=use_ema and "state_dict_ema" in checkpoint)
-        if NULL_CAPTION_KEY not in state_dict:
+        copies = controlnet_copy_count(state_dict)
+        if copies:
+            model = build_controlnet(model, copy_blocks_num=copies)
+        if NULL_CAPTION_KEY not in state_dict and "base_model." + NULL_CAPTION_KEY not in state_dict:
             raise CheckpointError(
                 f"{path} has no null caption ({NULL_CAPTION_KEY}), which guidance needs; diffusers files carry none: "
                 f"put its {NULL_CAPTION_FILE} beside it, or convert it with tools/convert_pixart_to_diffusers.py "
                 "--reverse (--null-caption-from or --random-null-caption)")
-    load_state_dict_into(model, state_dict, source=str(path))
+    if copies:
+        model.load_weights(state_dict, source=str(path))
+    else:
+        load_state_dict_into(model, state_dict, source=str(path))
     return model.eval().requires_grad_(False)
 
 

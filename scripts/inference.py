@@ -10,6 +10,11 @@ Prompt i is sampled from seed + i, so an image does not depend on the batch size
 its token count against the model's caption length) and every option is checked before any weights load. T5
 encodes every prompt first and is freed before sampling (`--t5_device cpu` keeps it off the GPU altogether).
 Images are numbered NNNN_ and never overwritten, also by runs writing into the same --output-dir at once.
+
+ControlNet (PIXART-delta): with a ControlNet checkpoint (PixArt-XL-2-{512,1024}-ControlNet.pth), --control_image
+steers every prompt: edges are taken from it by --condition (canny: no weights; hed: the annotators' HED network,
+--hed_checkpoint; image: it already is an edge map), resized to each image's size, VAE-encoded and scaled;
+--conditioning_scale scales the control (1 = the released behaviour, 0 = the base model).
 """
 import sys
 from pathlib import Path
@@ -22,7 +27,10 @@ import re
 import torch
 from torchvision.transforms.functional import to_pil_image
 
+from diffusion.data.conditions import CONDITIONS, control_latent_of_image, read_condition_image
 from diffusion.data.errors import DataError
+from diffusion.model.hed import DEFAULT_HED_CHECKPOINT, load_hed
+from diffusion.model.nets import ControlPixArtHalf
 from diffusion.model.builder import is_multi_scale
 from diffusion.pipeline import (
     DEFAULT_STEPS,
@@ -82,6 +90,14 @@ def parse_args(argv=None):
     parser.add_argument("--t5_device", type=device_name,
                         help="device for T5 (default: --device); 'cpu' keeps the GPU for the transformer")
     parser.add_argument("--no_ema", action="store_true", help="use the live weights of a training checkpoint")
+    parser.add_argument("--control_image", help="ControlNet checkpoints: the image whose edges steer every prompt")
+    parser.add_argument("--condition", choices=CONDITIONS, default="canny",
+                        help="how --control_image becomes the edge map: canny (OpenCV, no weights), hed (the released "
+                             "models' training condition; needs --hed_checkpoint) or image (already an edge map)")
+    parser.add_argument("--hed_checkpoint", default=str(DEFAULT_HED_CHECKPOINT),
+                        help="the ControlNet annotators' ControlNetHED.pth, for --condition hed")
+    parser.add_argument("--conditioning_scale", type=finite_float,
+                        help="scale of the control residuals (default 1, the released behaviour; 0 = no control)")
     return parser.parse_args(argv)
 
 
@@ -132,6 +148,18 @@ def plan_jobs(prompts, model, seed):
     return jobs
 
 
+def check_control_options(args):
+    """(control image, HED network or None, conditioning scale) of the ControlNet options, checked before the model
+    loads. Without --control_image the other ControlNet options are refused."""
+    if args.control_image is None:
+        if args.conditioning_scale is not None or args.condition != "canny":
+            raise ValueError("--condition and --conditioning_scale steer a ControlNet: give --control_image too")
+        return None, None, None
+    image = read_condition_image(args.control_image, "--control_image")
+    hed = load_hed(args.hed_checkpoint, args.device) if args.condition == "hed" else None
+    return image, hed, 1.0 if args.conditioning_scale is None else args.conditioning_scale
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -158,6 +186,7 @@ def run(args):
         check_prompt_length(tokenizer, job.prompt, where)
     if args.negative_prompt:
         check_prompt_length(tokenizer, args.negative_prompt, "--negative_prompt")
+    control_image, hed, conditioning_scale = check_control_options(args)
     out_dir = prepare_output_dir(args.output_dir)
 
     # Load on the CPU, encode every prompt with T5 (on --t5_device), free T5, then move the transformer to the
@@ -169,6 +198,10 @@ def run(args):
     negative = pipe.text_encoder.get_text_embeddings([args.negative_prompt]) if args.negative_prompt else None
     pipe.free_text_encoder()
     pipe.to(args.device)
+    if control_image is not None and not isinstance(pipe.model, ControlPixArtHalf):
+        raise ValueError(f"--control_image needs a ControlNet checkpoint (PixArt-XL-2-*-ControlNet.pth); "
+                         f"{args.model_path} is a plain PixArt model")
+    controls = {}  # (height, width) -> the control latent at that size
     written = 0
     for start in range(0, len(jobs), args.bs):
         group = list(range(start, min(start + args.bs, len(jobs))))
@@ -179,9 +212,15 @@ def run(args):
             features = torch.cat([encoded[i][0] for i in members]).to(args.device)
             mask = torch.cat([encoded[i][1] for i in members]).to(args.device)
             neg = None if negative is None else tuple(t.to(args.device) for t in negative)
+            extra = {}
+            if control_image is not None:
+                if size not in controls:
+                    controls[size] = control_latent_of_image(control_image, pipe.vae, size[0], size[1],
+                                                             pipe.scale_factor, args.condition, hed)
+                extra = dict(c=controls[size], conditioning_scale=conditioning_scale)
             images.update(zip(members, pipe.sample(
                 features, mask, size[0], size[1], [jobs[i].seed for i in members], args.sampling_algo, steps,
-                args.cfg_scale, negative=neg, cfg_compat=args.cfg_compat)))
+                args.cfg_scale, negative=neg, cfg_compat=args.cfg_compat, extra_inputs=extra)))
         for i in group:
             job = jobs[i]
             # the number is claimed as the image is written, so runs sharing the folder never collide
@@ -190,7 +229,10 @@ def run(args):
             append_jsonl(out_dir / "metadata.jsonl", {
                 "file": path.name, "prompt": job.prompt, "seed": job.seed, "sampler": args.sampling_algo,
                 "steps": steps, "cfg_scale": args.cfg_scale, "height": job.height, "width": job.width,
-                "negative_prompt": args.negative_prompt, "checkpoint": str(args.model_path)})
+                "negative_prompt": args.negative_prompt, "checkpoint": str(args.model_path),
+                **({} if control_image is None else {"control_image": str(args.control_image),
+                                                    "condition": args.condition,
+                                                    "conditioning_scale": conditioning_scale})})
             written += 1
             print(f"wrote {path}", flush=True)
     print(f"{written} images and metadata.jsonl in {out_dir}")

@@ -1,8 +1,10 @@
 """ControlNet-Transformer (PIXART-delta): released layout, the control math, loading and controlled sampling."""
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffusion.model.builder import build_controlnet, is_multi_scale
 from diffusion.model.nets import ControlPixArtHalf, ControlPixArtMSHalf, PixArt, PixArtMS
@@ -376,3 +378,64 @@ def test_control_latent_is_the_scaled_vae_encoding_of_the_condition():
     drawn = [control_latent(vae, condition, 0.18215, sample_posterior=True, generator=torch.Generator().manual_seed(1))
              for _ in range(2)]
     torch.testing.assert_close(drawn[0], drawn[1])
+
+
+# ---------------------------------------------------------------- loading a ControlNet checkpoint and the CLI
+@pytest.fixture(scope="module")
+def control_checkpoint(tiny_pipeline, tmp_path_factory):
+    """A tiny ControlNet checkpoint (2-block base, 1 copy, every weight random) and a config for its base model,
+    with the tiny T5 and VAE of `tiny_pipeline`."""
+    from diffusion.model.builder import build_model_from_config
+    from diffusion.utils.checkpoint import save_weights
+    from diffusion.utils.config import load_config
+    root, config = tiny_pipeline
+    path = tmp_path_factory.mktemp("control") / "control_config.py"
+    path.write_text(config.read_text().replace("depth=1", "depth=2"))
+    torch.manual_seed(0)
+    model = randomize(build_controlnet(build_model_from_config(load_config(path)), copy_blocks_num=1), scale=0.05)
+    save_weights(model.state_dict(), path.parent / "control.pth")
+    return path.parent / "control.pth", path, model
+
+
+def test_load_transformer_reads_a_controlnet_checkpoint_into_its_wrapper(control_checkpoint):
+    from diffusion.pipeline import load_transformer
+    from diffusion.utils.config import load_config
+    path, config, saved = control_checkpoint
+    model = load_transformer(path, config=load_config(config))
+    assert type(model) is ControlPixArtHalf and model.copy_blocks_num == 1
+    for (name, a), (_, b) in zip(saved.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def run_cli(checkpoint, config, out, *extra):
+    from scripts import inference
+    inference.main(["--config", str(config), "--model_path", str(checkpoint), "--output-dir", str(out),
+                    "--step", "3", "--device", "cpu", "--prompt", "a small red circle on a gray background",
+                    *map(str, extra)])
+
+
+def test_cli_control_image_steers_the_sample_and_is_recorded(control_checkpoint, tmp_path):
+    path, config, _ = control_checkpoint
+    square_photo().save(tmp_path / "photo.png")
+    run_cli(path, config, tmp_path / "on", "--control_image", tmp_path / "photo.png")
+    run_cli(path, config, tmp_path / "off", "--control_image", tmp_path / "photo.png", "--conditioning_scale", 0)
+    [meta] = [json.loads(line) for line in (tmp_path / "on" / "metadata.jsonl").read_text().splitlines()]
+    assert (meta["control_image"], meta["condition"], meta["conditioning_scale"]) == (
+        str(tmp_path / "photo.png"), "canny", 1.0)
+    images = [np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in ("on", "off")]
+    assert images[0].shape == (64, 64, 3) and (images[0] != images[1]).any()
+
+
+def test_cli_refuses_control_options_it_cannot_use_by_name(tiny_pipeline, control_checkpoint, tmp_path):
+    path, config, _ = control_checkpoint
+    square_photo().save(tmp_path / "photo.png")
+    with pytest.raises(SystemExit, match="--condition and --conditioning_scale steer a ControlNet"):
+        run_cli(path, config, tmp_path, "--conditioning_scale", 0.5)
+    with pytest.raises(SystemExit, match=r"--control_image .*missing.png: no such file"):
+        run_cli(path, config, tmp_path, "--control_image", tmp_path / "missing.png")
+    with pytest.raises(SystemExit, match="ControlNetHED.pth of lllyasviel/Annotators"):
+        run_cli(path, config, tmp_path, "--control_image", tmp_path / "photo.png", "--condition", "hed",
+                "--hed_checkpoint", tmp_path / "ControlNetHED.pth")
+    root, plain_config = tiny_pipeline
+    with pytest.raises(SystemExit, match="--control_image needs a ControlNet checkpoint"):
+        run_cli(root / "model.pth", plain_config, tmp_path, "--control_image", tmp_path / "photo.png")

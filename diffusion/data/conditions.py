@@ -24,6 +24,21 @@ class ConditionResizedWarning(UserWarning):
     """The condition image had another size than the sample and was resized (cover, center crop) to it."""
 
 
+def read_condition_image(path, what="condition image"):
+    """The RGB PIL image at `path`, read fully; a missing or unreadable file is an error naming it (`what`)."""
+    from pathlib import Path
+    from PIL import UnidentifiedImageError
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{what} {path} is not a readable image ({err}); expected a PNG, JPEG or other image "
+                         "file") from None
+
+
 def fit_condition_image(image, height, width):
     """A PIL image as RGB of exactly height x width: resized to cover (aspect ratio kept) and center-cropped, with a
     ConditionResizedWarning when its size differs."""
@@ -87,5 +102,5 @@ def control_latent_of_image(image, vae, height, width, scale_factor, condition="
     """`control_latent` of `make_condition(image, height, width, condition, hed)`: a photo or an edge map (a PIL image
     or a path) to the ControlNet's c for a height x width sample."""
     if not isinstance(image, Image.Image):
-        image = Image.open(image)
+        image = read_condition_image(image)
     return control_latent(vae, make_condition(image, height, width, condition, hed), scale_factor, **kwargs)

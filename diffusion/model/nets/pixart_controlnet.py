@@ -32,6 +32,14 @@ class ControlNetError(ValueError):
     """A ControlNet built or called with arguments it cannot take (copy count, base model, control shape)."""
 
 
+def controlnet_copy_count(state_dict):
+    """The copy_blocks_num of a ControlNet state dict (one past its highest `controlnet.{j}.` index); 0 for any
+    other state dict."""
+    indices = [int(parts[1]) for parts in (k.split(".") for k in state_dict)
+               if parts[0] == "controlnet" and len(parts) > 1 and parts[1].isdigit()]
+    return max(indices) + 1 if indices else 0
+
+
 def _zero_linear(dim):
     linear = nn.Linear(dim, dim)
     nn.init.zeros_(linear.weight)
