@@ -229,6 +229,15 @@ def test_a_plain_pixart_checkpoint_fills_the_base_model_and_the_copies_start_fro
     assert "derived from the loaded weights" in report.summary()
 
 
+def test_the_reference_call_load_state_dict_with_a_plain_checkpoint_fills_the_base_model():
+    plain = tiny_base(seed=3)
+    model = tiny_controlnet(seed=0)
+    result = model.load_state_dict(plain.state_dict(), strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert torch.equal(model.base_model.blocks[DEPTH - 1].mlp.fc2.weight, plain.blocks[DEPTH - 1].mlp.fc2.weight)
+    assert torch.equal(model.controlnet[1].copied_block.attn.qkv.weight, plain.blocks[1].attn.qkv.weight)
+
+
 def test_a_checkpoint_of_the_wrong_layout_fails_naming_keys():
     model = tiny_controlnet()
     partial = {k: v for k, v in model.state_dict().items() if "after_proj" not in k}

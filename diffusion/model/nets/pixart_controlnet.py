@@ -202,6 +202,16 @@ class ControlPixArtHalf(nn.Module):
         report.derived = [k for k in self.state_dict() if k.startswith("controlnet.")]
         return report
 
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """torch's `load_state_dict`, also for the reference's call with a plain PixArt state dict (no key under
+        `base_model.` / `controlnet.`): that loads into `base_model` and restarts the copies from it, where the
+        reference renamed the keys to a module that does not exist. `load_weights` checks more and reports."""
+        if state_dict and not any(k.startswith(CONTROLNET_PREFIXES) for k in state_dict):
+            result = self.base_model.load_state_dict(state_dict, strict=strict, assign=assign)
+            self.reset_controlnet()
+            return result
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     @torch.no_grad()
     def reset_controlnet(self):
         """Restart the control branch from the base model: copy j = base block j, zero projections."""
