@@ -448,3 +448,14 @@ def test_cli_refuses_control_options_it_cannot_use_by_name(tiny_pipeline, contro
     root, plain_config = tiny_pipeline
     with pytest.raises(SystemExit, match="--control_image needs a ControlNet checkpoint"):
         run_cli(root / "model.pth", plain_config, tmp_path, "--control_image", tmp_path / "photo.png")
+
+
+def test_a_compiled_base_gets_compiled_copies_with_the_same_keys_and_outputs():
+    eager = tiny_controlnet()
+    torch.manual_seed(0)
+    compiled = build_controlnet(PixArt(**{**TINY, "depth": DEPTH}, compile=True), copy_blocks_num=COPIES).eval()
+    compiled.load_weights(eager.state_dict())
+    assert all(branch.copied_block._compiled_call_impl is not None for branch in compiled.controlnet)
+    x, t, y, mask, _ = tiny_inputs()
+    with torch.no_grad():  # on the CPU compiled blocks run eagerly: the same numbers
+        assert torch.equal(compiled(x, t, y, mask, c=control_latent(3)), eager(x, t, y, mask, c=control_latent(3)))

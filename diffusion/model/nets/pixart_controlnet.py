@@ -88,6 +88,9 @@ class ControlPixArtHalf(nn.Module):
         self.total_blocks_num = depth
         self.controlnet = nn.ModuleList(ControlT2IDitBlockHalf(base_model.blocks[i], i)
                                         for i in range(copy_blocks_num))
+        if base_model.compile_blocks:
+            for branch in self.controlnet:
+                branch.copied_block.compile()  # a deep copy drops the base block's compiled call
 
     # ------------------------------------------------------- the base model's description
     in_channels = property(lambda self: self.base_model.in_channels)
