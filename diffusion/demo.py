@@ -1,15 +1,22 @@
 """The Gradio demo: prompt in, images out, with the sampler's progress and clear messages for bad input (a prompt
-or negative prompt over the model's token limit is refused, as scripts/inference.py refuses it)."""
+or negative prompt over the model's token limit is refused, as scripts/inference.py refuses it). A ControlNet model
+adds a control image, its condition (Canny, HED with an annotator network, or an edge map) and the conditioning
+scale; the edge map used is shown beside the images."""
 import random
+import warnings
 
 import gradio as gr
 import torch
 
 from diffusion.data.aspect_ratios import aspect_ratio_table
+from diffusion.data.conditions import ConditionResizedWarning, control_latent, make_condition
+from diffusion.model.nets import ControlPixArtHalf
 from diffusion.pipeline import DEFAULT_STEPS, PromptError, check_prompt_length
 
 SAMPLER_CHOICES = {"DPM-Solver": "dpm-solver", "SA-Solver": "sa-solver", "IDDPM": "iddpm"}
 STEP_LIMITS = {"dpm-solver": (5, 50), "sa-solver": (10, 50), "iddpm": (10, 250)}
+CONDITION_CHOICES = {"Canny": "canny", "HED": "hed", "Edge map": "image"}  # "HED" only with an annotator network
+MAX_CONDITIONING_SCALE = 2.0
 MAX_IMAGES = 4
 MAX_SEED = 2**31 - 1
 STYLES = {  # (template, negative prompt): "{prompt}" is replaced by the user's prompt
@@ -40,17 +47,20 @@ PIXELATED_CSS = "#gallery img { image-rendering: pixelated; image-rendering: cri
 
 
 def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None, default_sampler="DPM-Solver",
-               default_guidance=4.5):
+               default_guidance=4.5, hed=None):
     """A gr.Blocks app sampling with `sampler` (a diffusion.pipeline.Pipeline) and `text_encoder` (T5Embedder).
     examples: prompts offered as clickable examples; note: markdown shown under the title (e.g. the only vocabulary a
-    toy model knows); default_sampler: a SAMPLER_CHOICES label."""
+    toy model knows); default_sampler: a SAMPLER_CHOICES label; hed: a loaded HED network (diffusion.model.hed), which
+    adds the HED condition for a ControlNet model."""
     if default_sampler not in SAMPLER_CHOICES:
         raise ValueError(f"default_sampler must be one of {list(SAMPLER_CHOICES)}, got {default_sampler!r}")
     sizes = size_choices(sampler.image_size, sampler.multi_scale)
     default_size = f"{sampler.image_size} x {sampler.image_size}"
+    controlnet = isinstance(getattr(sampler, "model", None), ControlPixArtHalf)
+    conditions = [label for label in CONDITION_CHOICES if label != "HED" or hed is not None]
 
     def generate(prompt, negative, style, sampler_label, steps, guidance, seed, randomize, size, count,
-                 progress=gr.Progress()):
+                 control_image=None, condition="Canny", conditioning_scale=1.0, progress=gr.Progress()):
         try:
             prompt = (prompt or "").strip()
             if not prompt:
@@ -77,9 +87,22 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
             check_prompt_length(text_encoder, styled, f"the prompt{styled_as}")
             if negative:
                 check_prompt_length(text_encoder, negative, f"the negative prompt{styled_as}")
+            if controlnet and condition not in conditions:
+                raise PromptError(f"Unknown condition {condition!r}; this demo offers {', '.join(conditions)}.")
+            if controlnet and not 0.0 <= float(conditioning_scale) <= MAX_CONDITIONING_SCALE:
+                raise PromptError(f"Conditioning scale must be between 0 and {MAX_CONDITIONING_SCALE}.")
         except PromptError as err:
             raise gr.Error(str(err)) from None
         height, width = (int(v) for v in size.split(" x "))
+        extra, preview, notice = {}, None, ""
+        if controlnet and control_image is not None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConditionResizedWarning)
+                condition_image = make_condition(control_image, height, width, CONDITION_CHOICES[condition], hed)
+            notice = "".join(f" Note: {w.message}." for w in caught if issubclass(w.category, ConditionResizedWarning))
+            extra = dict(c=control_latent(sampler.vae, condition_image, sampler.scale_factor),
+                         conditioning_scale=float(conditioning_scale))
+            preview = _to_pil((condition_image[0] + 1) / 2)
         features, mask = text_encoder.get_text_embeddings([styled])
         count = int(count)
         features = features.to(sampler.device, sampler.dtype).expand(count, -1, -1)
@@ -91,10 +114,15 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
         total = int(steps)
         progress((0, total), desc="sampling", unit="steps")
         images = sampler.sample(features, mask, height, width, [seed + i for i in range(count)], algo, total,
-                                float(guidance), negative=neg,
+                                float(guidance), negative=neg, extra_inputs=extra,
                                 progress=lambda step, n: progress((step, n), desc="sampling", unit="steps"))
         pictures = [_to_pil(image) for image in images]
-        return pictures, seed, f"Generated {count} image(s) of {height} x {width} with seed {seed}."
+        status = f"Generated {count} image(s) of {height} x {width} with seed {seed}."
+        if not controlnet:
+            return pictures, seed, status
+        controlled = (f" controlled by {condition} edges at scale {float(conditioning_scale):g}" if extra
+                      else " without control (no control image)")
+        return pictures, seed, status[:-1] + controlled + "." + notice, preview
 
     with gr.Blocks(title=title, css=PIXELATED_CSS) as demo:
         gr.Markdown(f"# {title}\nText-to-image with a PixArt diffusion transformer "
@@ -116,6 +144,15 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
                 size = gr.Dropdown(sizes, value=default_size if default_size in sizes else sizes[0],
                                    label="Height x width")
                 count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
+                control_inputs = []
+                if controlnet:
+                    with gr.Group():
+                        control_inputs = [
+                            gr.Image(type="pil", label="Control image (its edges steer the image)",
+                                     elem_id="control-image"),
+                            gr.Radio(conditions, value="HED" if hed is not None else "Canny", label="Condition"),
+                            gr.Slider(0.0, MAX_CONDITIONING_SCALE, value=1.0, step=0.05,
+                                      label="Conditioning scale (1: as released, 0: no control)")]
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 if examples:
                     gr.Examples([[example] for example in examples], [prompt], label="Example prompts (click one)",
@@ -123,10 +160,11 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
             with gr.Column():
                 gallery = gr.Gallery(label="Images", elem_id="gallery", columns=2)
                 status = gr.Markdown(elem_id="status")
+                control_outputs = [gr.Image(label="Condition used", elem_id="condition")] if controlnet else []
         sampler_label.change(lambda label: gr.update(value=DEFAULT_STEPS[SAMPLER_CHOICES[label]]),
                              sampler_label, steps)
-        run.click(generate, [prompt, negative, style, sampler_label, steps, guidance, seed, randomize, size, count],
-                  [gallery, seed, status])
+        run.click(generate, [prompt, negative, style, sampler_label, steps, guidance, seed, randomize, size, count,
+                             *control_inputs], [gallery, seed, status, *control_outputs])
     return demo
 
 

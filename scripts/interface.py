@@ -5,6 +5,8 @@
 
   python scripts/interface.py --image_size 1024 --model_path output/pretrained_models/PixArt-XL-2-1024-MS.pth \\
       --t5_path output/pretrained_models/t5_ckpts --vae_path output/pretrained_models/sd-vae-ft-ema
+  python scripts/interface.py --image_size 1024 --model_path output/pretrained_models/PixArt-XL-2-1024-ControlNet.pth \\
+      --hed_checkpoint output/pretrained_models/ControlNetHED.pth      # ControlNet: adds a control image panel
 """
 import sys
 from pathlib import Path
@@ -52,6 +54,9 @@ def parse_args(argv=None):
                         help="device for T5 (default: --device; 'cpu' saves GPU memory)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16" if torch.cuda.is_available() else "fp32",
                         help="transformer dtype")
+    parser.add_argument("--hed_checkpoint",
+                        help="ControlNet models: the annotators' ControlNetHED.pth, which adds the HED condition "
+                             "(Canny and ready edge maps need no weights)")
     return parser.parse_args(argv)
 
 
@@ -72,7 +77,11 @@ def build(args):
     pipe = load_pipeline(model_path, config=cfg, image_size=args.image_size, t5_path=args.t5_path,
                          vae_path=args.vae_path, device=args.device, dtype=DTYPES[args.dtype],
                          t5_device=args.t5_device)
-    return pipe, pipe.text_encoder, model_path, toy_demo_options(cfg)
+    options = toy_demo_options(cfg)
+    if args.hed_checkpoint:
+        from diffusion.model.hed import load_hed
+        options["hed"] = load_hed(args.hed_checkpoint, args.device)
+    return pipe, pipe.text_encoder, model_path, options
 
 
 def toy_demo_options(cfg):

@@ -459,3 +459,24 @@ def test_a_compiled_base_gets_compiled_copies_with_the_same_keys_and_outputs():
     x, t, y, mask, _ = tiny_inputs()
     with torch.no_grad():  # on the CPU compiled blocks run eagerly: the same numbers
         assert torch.equal(compiled(x, t, y, mask, c=control_latent(3)), eager(x, t, y, mask, c=control_latent(3)))
+
+
+def test_the_demo_of_a_controlnet_takes_a_control_image_and_shows_the_condition(control_checkpoint):
+    import gradio as gr
+
+    from diffusion.demo import build_demo
+    from diffusion.pipeline import load_pipeline
+    from diffusion.utils.config import load_config
+    path, config, _ = control_checkpoint
+    pipe = load_pipeline(path, config=load_config(config))
+    demo = build_demo(pipe, pipe.text_encoder)
+    generate = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "generate")
+    args = ("a small red circle on a gray background", "", "(no style)", "DPM-Solver", 5, 4.5, 0, False, "64 x 64", 1)
+    quiet = lambda *a, **k: None  # noqa: E731  (gradio's progress outside a request)
+    pictures, _, status, preview = generate(*args, square_photo(96), "Canny", 1.0, progress=quiet)
+    assert "controlled by Canny edges at scale 1" in status and "resized" in status
+    assert preview.size == (64, 64) and pictures[0].size == (64, 64)
+    unscaled, _, _, _ = generate(*args, square_photo(96), "Canny", 0.0, progress=quiet)
+    assert (np.asarray(pictures[0]) != np.asarray(unscaled[0])).any()
+    with pytest.raises(gr.Error, match="Unknown condition 'HED'"):
+        generate(*args, square_photo(), "HED", 1.0, progress=quiet)

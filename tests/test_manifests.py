@@ -10,8 +10,8 @@ from diffusion.model.nets.PixArt_blocks import get_2d_sincos_pos_embed
 from diffusion.utils.config import load_config
 from tests.conftest import REPO, SHARED_REF
 
-# the plain models' manifests; the ControlNet wrappers' (manifest_Control*.json, keyed by "wrapper_class") describe
-# a model this codebase does not have yet (issue 16 adds it and their tests)
+# the plain models' manifests; the ControlNet wrappers' (manifest_Control*.json, keyed by "wrapper_class") are
+# checked in tests/test_controlnet.py
 MANIFESTS = sorted(p for p in SHARED_REF.glob("manifest_*.json") if not p.stem.startswith("manifest_Control"))
 CLASSES = {"PixArt": PixArt, "PixArtMS": PixArtMS}
 
