@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffusion.model.guidance import apply_guidance
 from diffusion.model.nets.PixArt import PixArt, _run_segment
+from diffusion.model.nets.PixArt_blocks import get_2d_sincos_pos_embed
 from diffusion.model.nets.PixArtMS import PixArtMS
 from diffusion.utils.checkpoint import CheckpointError, load_state_dict_into
 
@@ -128,10 +129,16 @@ class ControlPixArtHalf(nn.Module):
         if not torch.is_tensor(c) or c.ndim != 4 or tuple(c.shape[1:]) != (C, H, W) or c.shape[0] not in (1, B):
             shape = tuple(c.shape) if torch.is_tensor(c) else type(c).__name__
             raise ControlNetError(f"control latent c must be (1 or {B}, {C}, {H}, {W}) like the latents, got {shape}")
+        return self.forward_c(c.to(x.device).expand(B, -1, -1, -1))
+
+    def forward_c(self, c):
+        """The reference's name: tokens (B, h*w, D) of a control latent c (B, C, H, W) on its own grid, the base
+        patch embedder plus the sin-cos table of that grid (for the training grid: the base's `pos_embed`)."""
         base = self.base_model
-        c = c.to(device=x.device, dtype=base.dtype).expand(B, -1, -1, -1)
-        h, w = H // base.patch_size, W // base.patch_size
-        return base.x_embedder(c) + base.position_embedding(h, w, x.device).to(base.dtype)
+        c = c.to(base.dtype)
+        grid = (c.shape[-2] // base.patch_size, c.shape[-1] // base.patch_size)
+        pos = get_2d_sincos_pos_embed(base.hidden_size, grid, base.lewei_scale, base.base_size, device=c.device)
+        return base.x_embedder(c) + pos.float()[None].to(base.dtype)
 
     def _run_blocks(self, x, control, captions, t0, scale):
         blocks, depth, n = self.base_model.blocks, self.total_blocks_num, self.copy_blocks_num
