@@ -369,6 +369,13 @@ def test_hed_loads_the_annotator_layout_strictly_and_gives_soft_edges(tmp_path):
     hed = load_hed(tmp_path / "ControlNetHED.pth")
     condition = make_condition(square_photo(32, (8, 8, 24, 24)), 32, 32, "hed", hed=hed)
     assert condition.shape == (1, 3, 32, 32) and condition.min() >= -1 and condition.max() <= 1
+    from diffusion.model.hed import HEDdetector
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = torch.cat([torch.nn.functional.interpolate(p, size=(32, 32), mode="bilinear")
+                            for p in network(pixels * 255)], dim=1).mean(dim=1, keepdim=True)
+        torch.testing.assert_close(HEDdetector(checkpoint=tmp_path / "ControlNetHED.pth")(pixels),
+                                   1 / (1 + torch.exp(-logits)), rtol=1e-5, atol=1e-5)
     torch.save({k: v for k, v in network.state_dict().items() if k != "norm"}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match=r"missing keys \[norm\]"):
         load_hed(tmp_path / "bad.pth")

@@ -79,3 +79,19 @@ def load_hed(path=DEFAULT_HED_CHECKPOINT, device="cpu"):
     network = ControlNetHED_Apache2()
     load_state_dict_into(network, read_state_dict(path), strict=True, source=str(path))
     return network.to(device).eval().requires_grad_(False)
+
+
+class HEDdetector(nn.Module):
+    """The reference's detector as a module: `HEDdetector(checkpoint=...)(images)`, RGB (B, 3, H, W) in [0, 1] ->
+    soft edges (B, 1, H, W) in [0, 1]. The reference's `feature=True` (VAE-encode the edges) is
+    `diffusion.data.conditions.control_latent` here."""
+
+    def __init__(self, feature=False, checkpoint=DEFAULT_HED_CHECKPOINT):
+        super().__init__()
+        if feature:
+            raise ValueError("HEDdetector(feature=True) is not kept: encode the edges with "
+                             "diffusion.data.conditions.edges_to_condition and control_latent")
+        self.model = load_hed(checkpoint)
+
+    def forward(self, images):
+        return hed_edges(self.model, images)
