@@ -63,6 +63,14 @@ mixed_precision = 'fp16'  # accelerate mixed precision: 'no', 'fp16' or 'bf16'
 ema_rate = 0.9999  # exponential moving average decay of the EMA weights
 seed = 43  # base random seed (offset per rank)
 
+# ---------------------------------------------------------------- LoRA fine-tuning (diffusion/train/lora.py)
+# lora = dict(rank=16, alpha=None, dropout=0.0, target_modules=None, use_dora=False, use_rslora=False) trains one
+# peft LoRA adapter on the --load-from weights, which stay frozen; a key left out takes the value shown. The update
+# is scaled by alpha / rank (alpha / sqrt(rank) with use_rslora; alpha None = rank); use_dora: DoRA. target_modules:
+# None = ['self_attention', 'cross_attention', 'mlp'] (attn.qkv, attn.proj, cross_attn.q_linear/kv_linear/proj,
+# mlp.fc1/fc2 of every block); also 't_block' (adaLN-single), 'caption_projection', or module names ('t_block.1').
+lora = None  # LoRA adapter settings (dict, see above); None = train every weight
+
 # ---------------------------------------------------------------- pretrained parts
 vae_pretrained = '/cache/pretrained_models/sd-vae-ft-ema'  # diffusers AutoencoderKL folder
 scale_factor = 0.18215  # VAE latent scale factor

@@ -18,6 +18,7 @@ import argparse
 
 from diffusion.data.errors import DataError
 from diffusion.train.core import TrainingError, TrainOptions, train
+from diffusion.train.flavour import flavour_from_config
 from diffusion.utils.checkpoint import CheckpointError
 from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
 
@@ -54,7 +55,7 @@ def main(argv=None):
                                resume_from=args.resume_from or cfg.resume_from.get("checkpoint"),
                                load_from=args.load_from or cfg.load_from, report_to=args.report_to,
                                debug=args.debug)
-        result = train(cfg, options)
+        result = train(cfg, options, flavour_from_config(cfg))  # LoRA when the config sets `lora`
     except (ConfigError, CheckpointError, DataError, TrainingError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     print(f"training {'stopped' if result.stopped_by_signal else 'finished'} at step {result.global_step}; "

@@ -13,14 +13,17 @@ class TrainingFlavour:
     """Full training of every parameter with the IDDPM loss (the paper's recipe).
 
     The core calls the hooks in this order: `build_data`; `build_model`, then the `--load-from` weights, then
-    `wrap_model`; on resume `load_weights`; `averaged_copies` and `frozen_modules`; `trainable_parameters` (after
-    FSDP has wrapped the model, before DDP wraps it); `loss` for every micro-batch; on save `weights_to_save` and
-    `extra_state`, on resume `load_extra_state`. The core keeps the model's EMA (`state_dict_ema`), updates every
-    averaged copy after each optimizer step (gathering FSDP shards) and saves and resumes them with the run.
+    `wrap_model`; on resume `load_weights` (the model's, then its EMA's and averaged copies'); `averaged_copies` and
+    `frozen_modules`; `trainable_parameters` (after FSDP has wrapped the model, before DDP wraps it); `loss` for
+    every micro-batch; on save `weights_to_save` (of the model, its EMA and every averaged copy) and `extra_state`,
+    on resume `load_extra_state`. The core keeps the model's EMA (`state_dict_ema`), updates every averaged copy
+    after each optimizer step (gathering FSDP shards; only trainable parameters change) and saves and resumes them
+    with the run.
 
     What each planned flavour will override:
-    - LoRA: `wrap_model` (adapters into the loaded model, every base weight frozen), `trainable_parameters` (the
-      adapters), `weights_to_save` / `load_weights` (the adapters only; the base comes from `--load-from` again).
+    - LoRA (`diffusion/train/lora.py`): `wrap_model` (adapters into the loaded model, every base weight frozen),
+      `trainable_parameters` (the adapters), `weights_to_save` / `load_weights` (the adapters only; the base comes
+      from `--load-from` again), `extra_state` (the adapter's shape and the base weights' fingerprint).
     - DreamBooth with prior preservation: `build_data` (the instance records plus class images generated before
       training by the base model, marked per record, in every batch), `loss` (instance loss plus
       `prior_loss_weight` x class loss, split by that mark); with LoRA also LoRA's hooks.
@@ -36,6 +39,7 @@ class TrainingFlavour:
     """
 
     name = "full"  # written into checkpoints; a resume under another flavour is refused
+    fine_tunes_loaded_weights = False  # True: a run needs --load-from (or load_from), resumes included
 
     def build_data(self, cfg, rank, world_size, num_workers, device):
         """The dataset, its resumable batch sampler and loader (a `TrainData`)."""
@@ -87,11 +91,12 @@ class TrainingFlavour:
         return terms["loss"].mean(), terms
 
     def weights_to_save(self, state_dict):
-        """The part of the model's full state dict a checkpoint stores under `state_dict` (all of it here)."""
+        """The part of a full state dict of the model (or of its EMA or an averaged copy) that a checkpoint stores
+        (all of it here)."""
         return state_dict
 
     def load_weights(self, model, state_dict, source):
-        """Put a checkpoint's `state_dict` (as `weights_to_save` wrote it) back into the model, strictly."""
+        """Put weights as `weights_to_save` wrote them back into the model (or a copy of it), strictly."""
         load_state_dict_into(model, state_dict, source=source)
 
     def extra_state(self):
@@ -100,3 +105,11 @@ class TrainingFlavour:
 
     def load_extra_state(self, state):
         """Restore what `extra_state` returned."""
+
+
+def flavour_from_config(cfg):
+    """The flavour a config asks for: LoRA when `lora` is set (`diffusion/train/lora.py`), else full training."""
+    if cfg.get("lora"):
+        from diffusion.train.lora import LoRAFlavour
+        return LoRAFlavour(cfg.lora)
+    return TrainingFlavour()
