@@ -1,5 +1,7 @@
 """The Gradio demo: prompt in, images out, with the sampler's progress and clear messages for bad input."""
 import random
+import threading
+from pathlib import Path
 
 import gradio as gr
 import torch
@@ -11,6 +13,8 @@ SAMPLER_CHOICES = {"DPM-Solver": "dpm-solver", "SA-Solver": "sa-solver", "IDDPM"
 STEP_LIMITS = {"dpm-solver": (5, 50), "sa-solver": (10, 50), "iddpm": (10, 250)}
 MAX_IMAGES = 4
 MAX_SEED = 2**31 - 1
+NO_ADAPTER = "(none)"
+LORA_SCALE_RANGE = (0.0, 2.0)
 STYLES = {  # (template, negative prompt): "{prompt}" is replaced by the user's prompt
     "(no style)": ("{prompt}", ""),
     "Photographic": ("photograph of {prompt}, 35mm, highly detailed, sharp focus", "drawing, painting, blurry"),
@@ -29,6 +33,17 @@ def size_choices(image_size, multi_scale):
     return [f"{int(h)} x {int(w)}" for h, w in sorted(table.values(), key=lambda hw: hw[0] / hw[1])]
 
 
+def adapter_choices(adapters):
+    """Picker label -> adapter name for a pipeline's adapters (name -> path): the path's last part, made unique."""
+    labels = {NO_ADAPTER: None}
+    for name, path in adapters.items():
+        label = Path(path).name
+        while label in labels:
+            label = f"{label} ({name})"
+        labels[label] = name
+    return labels
+
+
 def apply_style(style, prompt, negative):
     template, style_negative = STYLES[style]
     return template.replace("{prompt}", prompt), ", ".join(p for p in (negative, style_negative) if p)
@@ -42,14 +57,17 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
                default_guidance=4.5):
     """A gr.Blocks app sampling with `sampler` (a diffusion.pipeline.Pipeline) and `text_encoder` (T5Embedder).
     examples: prompts offered as clickable examples; note: markdown shown under the title (e.g. the only vocabulary a
-    toy model knows); default_sampler: a SAMPLER_CHOICES label."""
+    toy model knows); default_sampler: a SAMPLER_CHOICES label. The pipeline's unmerged LoRA adapters
+    (`sampler.adapters`) get a picker (the first is preselected) and a scale slider."""
     if default_sampler not in SAMPLER_CHOICES:
         raise ValueError(f"default_sampler must be one of {list(SAMPLER_CHOICES)}, got {default_sampler!r}")
     sizes = size_choices(sampler.image_size, sampler.multi_scale)
     default_size = f"{sampler.image_size} x {sampler.image_size}"
+    adapters = adapter_choices(sampler.adapters)
+    switching = threading.Lock()  # the active adapter is model state: one request sets it and samples at a time
 
     def generate(prompt, negative, style, sampler_label, steps, guidance, seed, randomize, size, count,
-                 progress=gr.Progress()):
+                 adapter_label=NO_ADAPTER, lora_scale=1.0, progress=gr.Progress()):
         try:
             prompt = (prompt or "").strip()
             if not prompt:
@@ -66,6 +84,10 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
                 raise PromptError(f"Number of images must be between 1 and {MAX_IMAGES}.")
             if size not in sizes:
                 raise PromptError(f"Size {size!r} is not one of this model's sizes.")
+            if adapter_label not in adapters:
+                raise PromptError(f"Unknown LoRA adapter {adapter_label!r}.")
+            if not LORA_SCALE_RANGE[0] <= float(lora_scale) <= LORA_SCALE_RANGE[1]:
+                raise PromptError(f"LoRA scale must be between {LORA_SCALE_RANGE[0]:g} and {LORA_SCALE_RANGE[1]:g}.")
             seed = random.randint(0, MAX_SEED) if randomize else int(seed)
             if not 0 <= seed <= MAX_SEED:
                 raise PromptError(f"Seed must be between 0 and {MAX_SEED}.")
@@ -84,11 +106,16 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
             neg = (neg_features.to(sampler.device, sampler.dtype), neg_mask.to(sampler.device))
         total = int(steps)
         progress((0, total), desc="sampling", unit="steps")
-        images = sampler.sample(features, mask, height, width, [seed + i for i in range(count)], algo, total,
-                                float(guidance), negative=neg,
-                                progress=lambda step, n: progress((step, n), desc="sampling", unit="steps"))
+        adapter = adapters[adapter_label]
+        with switching:
+            if sampler.adapters:
+                sampler.use_adapters({adapter: float(lora_scale)} if adapter else {})
+            images = sampler.sample(features, mask, height, width, [seed + i for i in range(count)], algo, total,
+                                    float(guidance), negative=neg,
+                                    progress=lambda step, n: progress((step, n), desc="sampling", unit="steps"))
         pictures = [_to_pil(image) for image in images]
-        return pictures, seed, f"Generated {count} image(s) of {height} x {width} with seed {seed}."
+        used = f" with LoRA {adapter_label} x {float(lora_scale):g}" if adapter else ""
+        return pictures, seed, f"Generated {count} image(s) of {height} x {width} with seed {seed}{used}."
 
     with gr.Blocks(title=title, css=PIXELATED_CSS) as demo:
         gr.Markdown(f"# {title}\nText-to-image with a PixArt diffusion transformer "
@@ -110,6 +137,10 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
                 size = gr.Dropdown(sizes, value=default_size if default_size in sizes else sizes[0],
                                    label="Height x width")
                 count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
+                adapter = gr.Dropdown(list(adapters), value=list(adapters)[min(1, len(adapters) - 1)],
+                                      label="LoRA adapter", elem_id="adapter", visible=len(adapters) > 1)
+                lora_scale = gr.Slider(*LORA_SCALE_RANGE, value=1.0, step=0.05, label="LoRA scale",
+                                       elem_id="lora-scale", visible=len(adapters) > 1)
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 if examples:
                     gr.Examples([[example] for example in examples], [prompt], label="Example prompts (click one)",
@@ -119,8 +150,8 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
                 status = gr.Markdown(elem_id="status")
         sampler_label.change(lambda label: gr.update(value=DEFAULT_STEPS[SAMPLER_CHOICES[label]]),
                              sampler_label, steps)
-        run.click(generate, [prompt, negative, style, sampler_label, steps, guidance, seed, randomize, size, count],
-                  [gallery, seed, status])
+        run.click(generate, [prompt, negative, style, sampler_label, steps, guidance, seed, randomize, size, count,
+                             adapter, lora_scale], [gallery, seed, status])
     return demo
 
 

@@ -6,6 +6,7 @@
       --model_path output/toy/checkpoints/epoch_10_step_2000.pth --prompt "a red circle on a blue background"
 
 A prompt may end in `--ar h:w` / `--aspect_ratio h:w` (nearest bucket of a multi-scale model) or `--hw H:W`.
+With `--lora PATH [--lora_scale S]` (repeatable) LoRA adapters act on the model; `--lora_merge` folds them in.
 Prompt i is sampled from seed + i, so an image does not depend on the batch size. T5 encodes every prompt
 first and is freed before sampling (`--t5_device cpu` keeps it off the GPU altogether).
 """
@@ -22,7 +23,15 @@ import torch
 from torchvision.transforms.functional import to_pil_image
 
 from diffusion.data.errors import DataError
-from diffusion.pipeline import DEFAULT_STEPS, SAMPLERS, PromptError, PromptJob, load_pipeline, parse_prompt
+from diffusion.pipeline import (
+    DEFAULT_STEPS,
+    SAMPLERS,
+    PromptError,
+    PromptJob,
+    load_pipeline,
+    pair_lora_scales,
+    parse_prompt,
+)
 from diffusion.release import DTYPES, RELEASED_IMAGE_SIZES, RELEASED_T5_DIR, RELEASED_VAE_DIR
 from diffusion.utils.checkpoint import CheckpointError
 from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
@@ -63,6 +72,14 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--t5_device", help="device for T5 (default: --device); 'cpu' keeps the GPU for the transformer")
     parser.add_argument("--no_ema", action="store_true", help="use the live weights of a training checkpoint")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH",
+                        help="LoRA adapter: a peft folder in diffusers' module names (tools/export_lora.py's, "
+                             "PixArt-LCM-LoRA, ...) or a LoRA training checkpoint; repeatable, all act together")
+    parser.add_argument("--lora_scale", action="append", type=float, default=[], metavar="S",
+                        help="scale of an adapter's update (default 1): none, or one per --lora in the same order")
+    parser.add_argument("--lora_merge", action="store_true",
+                        help="fold the adapters into the weights before sampling: as fast as no adapter, the same "
+                             "images up to float rounding")
     return parser.parse_args(argv)
 
 
@@ -102,11 +119,13 @@ def run(args):
     if cfg is None and args.image_size is None and not Path(args.model_path).is_dir():
         raise ValueError("give --image_size (released models) or --config to describe the model")
     prompts = read_prompts(args)
+    loras = pair_lora_scales(args.lora, args.lora_scale)
     # Load on the CPU, encode every prompt with T5 (on --t5_device), free T5, then move the transformer to the
     # device: the two never share the GPU.
     pipe = load_pipeline(args.model_path, config=cfg, image_size=args.image_size, t5_path=args.t5_path,
                          vae_path=args.vae_path, device="cpu", dtype=DTYPES[args.dtype],
-                         t5_device=args.t5_device or args.device, use_ema=not args.no_ema)
+                         t5_device=args.t5_device or args.device, use_ema=not args.no_ema, loras=loras,
+                         merge_loras=args.lora_merge)
     jobs = []
     for i, text in enumerate(prompts):
         prompt, height, width = parse_prompt(text, pipe.image_size, pipe.multi_scale)
@@ -139,7 +158,9 @@ def run(args):
                                            "sampler": args.sampling_algo, "steps": steps, "cfg_scale": args.cfg_scale,
                                            "height": job.height, "width": job.width,
                                            "negative_prompt": args.negative_prompt,
-                                           "checkpoint": str(args.model_path)}) + "\n")
+                                           "checkpoint": str(args.model_path),
+                                           "loras": [{"path": p, "scale": w} for p, w in loras],
+                                           "lora_merge": args.lora_merge}) + "\n")
                     meta.flush()
                     print(f"wrote {path}")
     print(f"{len(jobs)} images and metadata.jsonl in {out_dir}")

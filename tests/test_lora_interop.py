@@ -26,13 +26,13 @@ LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "
                     "linear", "linear_1", "linear_2"]
 
 
-def randomize_adapters(model, seed=5):
-    """Every adapter tensor random (B too, which peft starts at zero), DoRA magnitudes around 1."""
+def randomize_adapters(model, seed=5, scale=0.1):
+    """Every adapter tensor N(0, scale) (B too, which peft starts at zero), DoRA magnitudes around 1."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if "magnitude" in name else 0.0))
+                p.copy_(torch.randn(p.shape, generator=gen) * scale + (1.0 if "magnitude" in name else 0.0))
     return model
 
 

@@ -148,3 +148,30 @@ def test_fsdp_bf16_lora_training_resumes_on_cuda(train_config, tmp_path, base):
     state = read_checkpoint(ckpt.list_checkpoints(tmp_path / "run")[-1])
     assert state["step"] == 6
     assert all(".lora_" in k and torch.isfinite(v).all() for k, v in state["state_dict"].items())
+
+
+def test_the_tools_export_a_run_as_a_peft_folder_and_merge_it_into_a_full_checkpoint(train_config, tmp_path, base):
+    from peft import PeftModel
+
+    from diffusion.model.lora import add_adapter
+    from diffusion.train.lora import adapter_from_checkpoint
+    from diffusion.utils.checkpoint import load_checkpoint
+    from tests.conftest import tiny_inputs
+    from tests.test_diffusers_interop import converted, diffusers_forward
+    from tools import export_lora, merge_lora
+
+    result = lora_run(train_config, tmp_path / "run", base, {"max_steps": 2})
+    export_lora.main(["--checkpoint", str(result.last_checkpoint), "--output", str(tmp_path / "adapter")])
+    merge_lora.main(["--model_path", str(base[0]), "--config", str(train_config), "--lora", str(tmp_path / "adapter"),
+                     "--output", str(tmp_path / "merged.pth")])
+    x, t, y, mask, _ = tiny_inputs()
+    weights, spec = adapter_from_checkpoint(result.last_checkpoint)
+    ours = add_adapter(tiny_model(seed=3), spec, weights=weights)
+    with torch.no_grad():
+        expected = ours(x, t, y, mask)  # the base with the run's EMA adapter
+    theirs = PeftModel.from_pretrained(converted(tiny_model(seed=3)), tmp_path / "adapter").eval()
+    torch.testing.assert_close(diffusers_forward(theirs.base_model.model, x, t, y, mask), expected, rtol=0, atol=1e-5)
+    merged = tiny_model()
+    load_checkpoint(tmp_path / "merged.pth", merged)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x, t, y, mask), expected, rtol=0, atol=1e-5)

@@ -68,3 +68,17 @@ class LoRAFlavour(TrainingFlavour):
 def _describe(spec):
     ranks = sorted(set(spec.ranks.values()))
     return f"{len(spec.modules)} modules, rank {ranks[0] if len(ranks) == 1 else ranks}, dora {spec.use_dora}"
+
+
+def adapter_from_checkpoint(path, use_ema=True):
+    """(weights, spec) in our module names of the adapter a LoRA training checkpoint holds: its EMA weights, or
+    the live ones with use_ema=False."""
+    from diffusion.utils.checkpoint import read_checkpoint
+    obj = read_checkpoint(path)
+    flavour = obj.get("flavour", {})
+    if flavour.get("name") != LoRAFlavour.name:
+        raise CheckpointError(f"{path} is not a LoRA training checkpoint (it was written by the "
+                              f"{flavour.get('name', 'full')!r} flavour); give a LoRA run's checkpoint or a peft "
+                              "adapter folder")
+    key = "state_dict_ema" if use_ema else "state_dict"
+    return dict(obj[key]), LoraSpec.from_dict(flavour["state"]["adapter"])
