@@ -106,6 +106,9 @@ def load_transformer(model_path, config=None, image_size=None, use_ema=True):
             raise ValueError(f"{path} is a checkpoint file: give a config or a released image size to describe "
                              "its model")
         checkpoint = read_checkpoint(path)  # read once: released XL files are 2.4 GB
+        if checkpoint.get("flavour", {}).get("name") == "lora":
+            raise CheckpointError(f"{path} is a LoRA training checkpoint: it holds an adapter, not a model; give the "
+                                  "base model as the model path and this checkpoint as a LoRA adapter (--lora)")
         state_dict = state_dict_of(checkpoint, path, use_ema=use_ema and "state_dict_ema" in checkpoint)
     load_state_dict_into(model, state_dict, source=str(path))
     return model.eval().requires_grad_(False)
@@ -290,4 +293,5 @@ def load_pipeline(model_path, config=None, image_size=None, t5_path=None, vae_pa
 
 
 __all__ = ["SAMPLERS", "DEFAULT_STEPS", "PromptError", "PromptJob", "parse_prompt", "resolve_t5_dir",
-           "load_transformer", "pair_lora_scales", "load_loras", "Pipeline", "check_prompt_length", "load_vae", "load_pipeline", "CheckpointError"]
+           "load_transformer", "pair_lora_scales", "load_loras",
+           "Pipeline", "check_prompt_length", "load_vae", "load_pipeline", "CheckpointError"]

@@ -26,7 +26,8 @@ def adapters(tiny_pipeline):
         model = load_transformer(root / "model.pth", config=load_config(config))
         names = resolve_targets(model, ("self_attention", "cross_attention", "mlp"))
         add_adapter(model, LoraSpec({n: rank for n in names}, {n: float(rank) for n in names}))
-        folders.append(save_adapter(randomize_adapters(model, seed, scale=1.0), root / f"adapter{seed}", overwrite=True))
+        randomize_adapters(model, seed, scale=1.0)
+        folders.append(save_adapter(model, root / f"adapter{seed}", overwrite=True))
     return folders
 
 
@@ -105,3 +106,11 @@ def test_the_demo_picks_an_adapter_and_its_scale(tiny_pipeline, adapters):
     without, status = images(NO_ADAPTER, 1.0)
     assert "LoRA" not in status and np.abs(with_adapter - without).max() > 5
     assert np.array_equal(images(adapters[0].name, 0.0)[0], without)  # scale 0 is the base model
+
+
+def test_a_lora_checkpoint_given_as_the_model_is_pointed_to_lora(tiny_pipeline, tmp_path):
+    root, config = tiny_pipeline
+    torch.save({"state_dict": {"blocks.0.attn.qkv.lora_A.weight": torch.zeros(2, 96)}, "flavour": {"name": "lora"}},
+               tmp_path / "run.pth")
+    with pytest.raises(SystemExit, match="is a LoRA training checkpoint: .* as a LoRA adapter \\(--lora\\)"):
+        inference.main(["--config", str(config), "--model_path", str(tmp_path / "run.pth"), "--prompt", "a red circle"])

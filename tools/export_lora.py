@@ -1,6 +1,7 @@
 """Export the adapter of a LoRA training checkpoint as a peft folder in diffusers' module names.
 
-  python tools/export_lora.py --checkpoint output/my_lora/checkpoints/epoch_5_step_1000.pth --output output/my_lora/adapter
+  python tools/export_lora.py --checkpoint output/my_lora/checkpoints/epoch_5_step_1000.pth \
+      --output output/my_lora/adapter
 
 The folder (adapter_config.json + adapter_model.safetensors) loads on diffusers' PixArtTransformer2DModel with
 `PeftModel.from_pretrained(transformer, folder)`, and here with `scripts/inference.py --lora folder`. The EMA

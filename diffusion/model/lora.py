@@ -34,7 +34,8 @@ DEFAULT_TARGETS = ("self_attention", "cross_attention", "mlp")
 ADAPTER_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector")
 # A model state-dict key of an adapter tensor: module, part, adapter name.
 _MODEL_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)\.(?P<adapter>[^.]+)\.weight$")
-_SAVED_SUFFIX = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight", "lora_magnitude_vector": ".lora_magnitude_vector"}
+_SAVED_SUFFIX = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight",
+                 "lora_magnitude_vector": ".lora_magnitude_vector"}
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,8 @@ class LoraSpec:
 
     @classmethod
     def for_modules(cls, names, settings):
-        return cls({n: settings.rank for n in names}, {n: float(settings.alpha) for n in names}, float(settings.dropout),
-                   settings.use_dora, settings.use_rslora)
+        return cls({n: settings.rank for n in names}, {n: float(settings.alpha) for n in names},
+                   float(settings.dropout), settings.use_dora, settings.use_rslora)
 
     def scaling(self, module):
         """The factor on module's B @ A (peft: alpha / r, or alpha / sqrt(r) with rslora)."""

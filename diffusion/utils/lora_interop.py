@@ -59,7 +59,8 @@ def adapter_to_diffusers(weights, spec):
     out, ranks, alphas = {}, {}, {}
     for module in spec.modules:
         if module not in table:
-            raise CheckpointError(f"adapter module {module!r} has no counterpart in diffusers' PixArtTransformer2DModel")
+            raise CheckpointError(f"adapter module {module!r} has no counterpart in diffusers' "
+                                  "PixArtTransformer2DModel")
         parts = table[module]
         a, b = weights[f"{module}.lora_A.weight"], weights[f"{module}.lora_B.weight"]
         magnitude = weights.get(f"{module}.lora_magnitude_vector")
