@@ -1,13 +1,15 @@
 # Base config for PixArt-alpha training and sampling. Every released config inherits it through
 # `_base_`, and it is also the schema: a config may only set the keys defined here, with the same type
-# (a key whose default is None accepts any type). Values are the released ones unless a comment says so.
+# (a key whose default is None accepts any type), and the dicts may only hold the keys `_dict_keys_` (at
+# the end) lists. Values are the released ones unless a comment says so. load_config also checks each
+# value's range (diffusion/utils/config.py, VALUE_RULES): e.g. gradient_clip >= 0, probabilities in [0, 1].
 
 # ---------------------------------------------------------------- data
 data_root = '/data/data'  # directory that dataset roots below are relative to
 image_list_json = ['data_info.json']  # annotation files (SPEC section 7) read by InternalData/InternalDataMS
 image_list_txt = None  # SA-1B partition lists (partition/part*.txt) read by the SAM dataset
 data = dict(
-    type='InternalData',  # dataset class name: InternalData, InternalDataMS or SAM
+    type='InternalData',  # dataset class name: InternalData, InternalDataMS or SAM (keys: _dict_keys_ below)
     root='images',  # dataset folder under data_root
     image_list_json=image_list_json,  # annotation files of this dataset
     transform='default_train',  # image transform name
@@ -53,7 +55,7 @@ load_mask_index = False  # inert, read by nothing (INERT_KEYS): read precomputed
 num_epochs = 80  # training epochs
 gradient_accumulation_steps = 1  # micro-batches per optimiser step
 grad_checkpointing = False  # recompute block activations in the backward pass to save memory
-gradient_clip = 1.0  # maximum global gradient norm
+gradient_clip = 1.0  # maximum global gradient norm (0 or None: no clipping)
 gc_step = 1  # transformer blocks per gradient-checkpointing segment (with grad_checkpointing)
 auto_lr = dict(rule='sqrt')  # lr scaling: 'sqrt' = lr * sqrt(effective batch / 256), 'linear'; None = no scaling
 optimizer = dict(type='AdamW', lr=1e-4, weight_decay=3e-2, eps=1e-10)  # optimiser class and arguments
@@ -89,7 +91,7 @@ save_image_epochs = 1  # inert, read by nothing (INERT_KEYS): epochs between eva
 save_model_epochs = 1  # epochs between checkpoints
 save_model_steps = 1000000  # steps between checkpoints
 max_steps = None  # run exactly this many optimizer steps (however many epochs), then checkpoint; None = num_epochs
-keep_last_n = None  # keep only the newest N checkpoints in work_dir/checkpoints (None = keep all)
+keep_last_n = None  # keep only the newest N checkpoints in work_dir/checkpoints (None or 0 = keep all)
 max_nonfinite_steps = 20  # consecutive steps with a non-finite loss/gradients before the run stops
 eval_interval = 0  # steps between validation grids of validation_prompts in work_dir/vis (0 = never)
 validation_prompts = []  # prompts sampled with the EMA weights every eval_interval steps
@@ -98,3 +100,30 @@ log_interval = 50  # steps between log lines
 tensorboard_mox_interval = 50  # inert, read by nothing (INERT_KEYS): steps between tensorboard syncs to remote storage
 work_dir = '/cache/exps/'  # output directory for checkpoints and logs
 s3_work_dir = None  # inert, read by nothing (INERT_KEYS): remote copy of work_dir (None = none)
+
+# ---------------------------------------------------------------- schema of the dicts
+# Keys that may be None, which switches them off (a child's `auto_lr = dict()` would merge into the base's dict,
+# not clear it); every other key with a non-None default must keep its type.
+_may_be_none_ = ['auto_lr', 'gradient_clip']
+# The keys each dict may hold: exactly what the code reads. Where they depend on a choice, `per` names it (the
+# dict's own `type`, or a top-level key) and each choice lists its keys; the choices listed are the only ones
+# accepted. A dict not listed here (resume_from) may hold the keys of its default above.
+_net_arguments = ['patch_size', 'in_channels', 'hidden_size', 'depth', 'num_heads', 'mlp_ratio', 'drop_path',
+                  'trim_captions', 'pack_captions', 'fused_modulation']  # PixArt(...) arguments without a config key
+_dataset_arguments = ['root', 'transform', 'load_vae_feat', 'load_t5_feat', 'cache_items']
+_dict_keys_ = dict(
+    # dataset constructor arguments (resolution, max_length, caption_channels and the buckets come from
+    # image_size, model_max_length, caption_channels and aspect_ratio_type)
+    data=dict(per='data.type',
+              InternalData=_dataset_arguments + ['image_list_json'],
+              InternalDataMS=_dataset_arguments + ['image_list_json'],
+              SAM=_dataset_arguments + ['image_list_txt', 'image_list_json']),  # image_list_json: inherited, unread
+    optimizer=dict(per='optimizer.type',
+                   AdamW=['lr', 'weight_decay', 'eps', 'betas', 'amsgrad'],  # torch.optim.AdamW
+                   CAME=['lr', 'weight_decay', 'eps', 'betas', 'clip_threshold']),  # came_pytorch.CAME
+    lr_schedule_args=dict(per='lr_schedule', constant=['num_warmup_steps'], cosine=['num_warmup_steps']),
+    # the XL_2 presets fix depth, hidden_size, patch_size and num_heads: they may only be restated
+    model_kwargs=dict(per='model', PixArt=_net_arguments, PixArtMS=_net_arguments, PixArt_XL_2=_net_arguments,
+                      PixArtMS_XL_2=_net_arguments),
+    auto_lr=['rule', 'base_batch_size'],
+)

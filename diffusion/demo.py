@@ -1,4 +1,5 @@
-"""The Gradio demo: prompt in, images out, with the sampler's progress and clear messages for bad input."""
+"""The Gradio demo: prompt in, images out, with the sampler's progress and clear messages for bad input (a prompt
+or negative prompt over the model's token limit is refused, as scripts/inference.py refuses it)."""
 import random
 import threading
 from pathlib import Path
@@ -91,8 +92,13 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
             seed = random.randint(0, MAX_SEED) if randomize else int(seed)
             if not 0 <= seed <= MAX_SEED:
                 raise PromptError(f"Seed must be between 0 and {MAX_SEED}.")
+            if style not in STYLES:
+                raise PromptError(f"Unknown style {style!r}.")
             styled, negative = apply_style(style, prompt, (negative or "").strip())
-            check_prompt_length(text_encoder, styled)
+            styled_as = "" if style == "(no style)" else f" with the {style} style"
+            check_prompt_length(text_encoder, styled, f"the prompt{styled_as}")
+            if negative:
+                check_prompt_length(text_encoder, negative, f"the negative prompt{styled_as}")
         except PromptError as err:
             raise gr.Error(str(err)) from None
         height, width = (int(v) for v in size.split(" x "))

@@ -5,7 +5,9 @@ validation grids, so every entry point samples the same way:
 - each image's starting noise comes from its own seed, so an image does not depend on the batch it is in;
 - guidance uses the null caption `y_embedding` with the prompt's mask, or a negative prompt with its own;
 - prompts may end in `--ar h:w`, `--aspect_ratio h:w` (nearest bucket) or `--hw H:W` (pixels), as in the
-  paper's demo.
+  paper's demo;
+- a prompt (or negative prompt) longer than the model's caption length is refused, never cut silently
+  (`check_prompt_length`, with the tokenizer alone, before any model loads).
 """
 import math
 import re
@@ -14,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from diffusion.data.aspect_ratios import aspect_ratio_table, closest_bucket
+from diffusion.data.aspect_ratios import aspect_ratio_table, closest_bucket, table_names
 from diffusion.model.builder import build_model, build_model_from_config, is_multi_scale
 from diffusion.model.guidance import cfg_inputs, guided_model
-from diffusion.model.t5 import T5Embedder
+from diffusion.model.t5 import CaptionTokenizer, T5Embedder
 from diffusion.release import (
     RELEASED_T5_DIR,
     RELEASED_VAE_DIR,
@@ -28,15 +30,24 @@ from diffusion.release import (
 )
 from diffusion.sampling import SAMPLERS as SAMPLER_REGISTRY, get_sampler
 from diffusion.utils.checkpoint import CheckpointError, load_state_dict_into, read_checkpoint, state_dict_of
+from diffusion.utils.diffusers_interop import (
+    NULL_CAPTION_FILE,
+    NULL_CAPTION_KEY,
+    build_pixart,
+    describe_diffusers_transformer,
+    load_diffusers_transformer,
+)
 
 SAMPLERS = tuple(SAMPLER_REGISTRY)
 DEFAULT_STEPS = {name: spec.default_steps for name, spec in SAMPLER_REGISTRY.items()}
+# The fewest steps each sampler takes: the registry's DPM-Solver++ and SA-Solver are order-2 multistep solvers.
+MIN_STEPS = {name: 2 if name in ("dpm-solver", "sa-solver") else 1 for name in SAMPLER_REGISTRY}
 _SIZE_FLAG = re.compile(r"\s--(ar|aspect_ratio|hw)\s+(\d+(?:\.\d+)?):(\d+(?:\.\d+)?)\s*$")
 _ANY_SIZE_FLAG = re.compile(r"\s--(ar|aspect_ratio|hw)\b")
 
 
 class PromptError(ValueError):
-    """A prompt that cannot be sampled (empty, malformed size flag, a size the model cannot take)."""
+    """A prompt that cannot be sampled (empty, too long, malformed size flag, a size the model cannot take)."""
 
 
 @dataclass
@@ -50,8 +61,9 @@ class PromptJob:
 def parse_prompt(text, model_image_size, multi_scale):
     """(prompt, height, width) from a prompt that may end in `--ar h:w`, `--aspect_ratio h:w` or `--hw H:W`.
 
-    Multi-scale models snap ratios to the nearest bucket of the `ASPECT_RATIO_<size>_TEST` table; `--hw`
-    sizes must be multiples of 16 (VAE factor x patch). Single-scale models only take their own size."""
+    Multi-scale models snap ratios to the nearest bucket of the `ASPECT_RATIO_<size>_TEST` table (a size without
+    one refuses `--ar`); `--hw` sizes must be multiples of 16 (VAE factor x patch). Single-scale models only take
+    their own size."""
     text = text.strip()
     size = (model_image_size, model_image_size)
     match = _SIZE_FLAG.search(" " + text)
@@ -64,10 +76,15 @@ def parse_prompt(text, model_image_size, multi_scale):
             size = (int(a), int(b))
             if size[0] % 16 or size[1] % 16:
                 raise PromptError(f"--hw {size[0]}:{size[1]}: height and width must be multiples of 16")
-        else:
-            table = aspect_ratio_table(f"ASPECT_RATIO_{model_image_size}_TEST")
-            _, bucket = closest_bucket(a, b, table)
+        elif f"ASPECT_RATIO_{model_image_size}_TEST" in table_names():
+            _, bucket = closest_bucket(a, b, aspect_ratio_table(f"ASPECT_RATIO_{model_image_size}_TEST"))
             size = tuple(int(v) for v in bucket)
+        elif a != b:  # no bucket table for this size: only the model's own square size is known
+            sizes = sorted(int(n.split("_")[2]) for n in table_names() if n.endswith("_TEST"))
+            fix = ("give the size in pixels with --hw H:W instead" if multi_scale else
+                   f"it is single-scale too and samples {model_image_size}x{model_image_size} only: remove the flag")
+            raise PromptError(f"--{kind} {match.group(2)}:{match.group(3)}: this model's size, {model_image_size} px, "
+                              f"has no aspect-ratio buckets (tables exist for {', '.join(map(str, sizes))} px); {fix}")
     elif _ANY_SIZE_FLAG.search(" " + text):
         raise PromptError(f"malformed size flag in {text!r}; expected '--ar h:w', '--aspect_ratio h:w' or '--hw H:W'")
     if not text:
@@ -86,30 +103,50 @@ def resolve_t5_dir(path):
     return path
 
 
-def load_transformer(model_path, config=None, image_size=None, use_ema=True):
-    """A PixArt/PixArtMS in eval mode with weights from `model_path`: one of our checkpoints (EMA weights when
-    it has them and `use_ema`), a released `.pth`, a `.safetensors` file, or a diffusers transformer folder.
-    The architecture comes from the folder, or from `config` (a loaded config), or from `image_size` (the
-    released XL/2 models: MS at 1024)."""
+def _model_for_file(path, config, image_size):
+    """The (unloaded) model a checkpoint file is read into: described by `config` or a released `image_size`."""
+    if config is not None:
+        return build_model_from_config(config, grad_checkpointing=False)
+    if image_size is not None:
+        return build_model(released_model_name(image_size), input_size=image_size // VAE_DOWNSAMPLE,
+                           lewei_scale=released_lewei_scale(image_size))
+    raise ValueError(f"{path} is a checkpoint file: give a config or a released image size to describe its model")
+
+
+def describe_transformer(model_path, config=None, image_size=None):
+    """The model `load_transformer` would build for these arguments, on the meta device and without reading the
+    weights: its size (`input_size`, multi-scale or not) and caption length (`model_max_length`) are known
+    before anything loads. A missing `model_path` or a broken diffusers folder fails here."""
     path = Path(model_path)
     if path.is_dir():
-        from diffusion.utils.diffusers_interop import build_pixart, load_diffusers_transformer
+        return describe_diffusers_transformer(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with torch.device("meta"):
+        return _model_for_file(path, config, image_size)
+
+
+def load_transformer(model_path, config=None, image_size=None, use_ema=True):
+    """A PixArt/PixArtMS in eval mode with weights from `model_path`: one of our checkpoints (EMA weights when
+    it has them and `use_ema`), a released `.pth`, a `.safetensors` file (diffusers' names too), or a diffusers
+    transformer folder. The architecture comes from the folder, or from `config` (a loaded config), or from
+    `image_size` (the released XL/2 models: MS at 1024)."""
+    path = Path(model_path)
+    if path.is_dir():
         arch, state_dict = load_diffusers_transformer(path)
         model = build_pixart(arch)
     else:
-        if config is not None:
-            model = build_model_from_config(config, grad_checkpointing=False)
-        elif image_size is not None:
-            model = build_model(released_model_name(image_size), input_size=image_size // VAE_DOWNSAMPLE,
-                                lewei_scale=released_lewei_scale(image_size))
-        else:
-            raise ValueError(f"{path} is a checkpoint file: give a config or a released image size to describe "
-                             "its model")
+        model = _model_for_file(path, config, image_size)
         checkpoint = read_checkpoint(path)  # read once: released XL files are 2.4 GB
         if checkpoint.get("flavour", {}).get("name") == "lora":
             raise CheckpointError(f"{path} is a LoRA training checkpoint: it holds an adapter, not a model; give the "
                                   "base model as the model path and this checkpoint as a LoRA adapter (--lora)")
         state_dict = state_dict_of(checkpoint, path, use_ema=use_ema and "state_dict_ema" in checkpoint)
+        if NULL_CAPTION_KEY not in state_dict:
+            raise CheckpointError(
+                f"{path} has no null caption ({NULL_CAPTION_KEY}), which guidance needs; diffusers files carry none: "
+                f"put its {NULL_CAPTION_FILE} beside it, or convert it with tools/convert_pixart_to_diffusers.py "
+                "--reverse (--null-caption-from or --random-null-caption)")
     load_state_dict_into(model, state_dict, source=str(path))
     return model.eval().requires_grad_(False)
 
@@ -204,7 +241,8 @@ class Pipeline:
         section 9); progress: callable(step, total) or None; extra_inputs: further per-sample model inputs by
         name (batch B), given to both halves of a guided batch."""
         spec = get_sampler(sampler)
-        steps = steps or spec.default_steps
+        steps = spec.default_steps if steps is None else int(steps)
+        check_steps(sampler, steps)
         B = features.shape[0]
         latent_hw = (height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE)
         noise = torch.stack([torch.randn(self.model.in_channels, *latent_hw,
@@ -251,20 +289,45 @@ class _StepCounter:
         return counted
 
 
-def check_prompt_length(text_encoder, prompt):
-    """Raise PromptError when a prompt has more tokens than the model reads (it would be cut silently)."""
-    ids = text_encoder.tokenizer(prompt, add_special_tokens=True, truncation=False)["input_ids"]
-    if len(ids) > text_encoder.model_max_length:
-        raise PromptError(f"the prompt has {len(ids)} tokens; the model reads at most {text_encoder.model_max_length}")
+def check_steps(sampler, steps):
+    """Raise ValueError when `sampler` cannot take `steps` sampling steps (see MIN_STEPS)."""
+    if steps < MIN_STEPS[sampler]:
+        raise ValueError(f"{sampler} takes at least {MIN_STEPS[sampler]} steps, got {steps}")
 
 
-def load_vae(path, device="cpu"):
-    """A diffusers AutoencoderKL in eval mode from a local folder such as sd-vae-ft-ema."""
+def check_prompt_length(tokenizer, prompt, what="the prompt"):
+    """Raise PromptError when `prompt` needs more tokens than the model reads, which T5 would cut silently.
+
+    `tokenizer`: a T5Embedder, or a CaptionTokenizer (the tokenizer alone: prompts are checked before any
+    model loads); the limit is its `model_max_length`, the model's caption length (120 for the released models).
+    `what` names the prompt in the message (e.g. '--prompt 2', 'prompts.txt:7', 'the negative prompt')."""
+    count, limit = tokenizer.token_count(prompt), tokenizer.model_max_length
+    if count > limit:
+        shown = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+        raise PromptError(f"{what} ({shown!r}) has {count} tokens; the model reads at most {limit}: shorten it "
+                          "(the rest would be cut without notice)")
+
+
+def t5_folder(t5_path=None, config=None):
+    """The T5 folder `load_pipeline` reads: `t5_path`, else the config's `t5_pretrained`, else the released one."""
+    return resolve_t5_dir(t5_path or (config.t5_pretrained if config is not None else RELEASED_T5_DIR))
+
+
+def load_tokenizer(t5_path, config, model):
+    """The CaptionTokenizer of the T5 `load_pipeline` would use with `model` (a described or loaded model):
+    checks prompts' lengths without loading any weights."""
+    return CaptionTokenizer(t5_folder(t5_path, config), model_max_length=model.model_max_length)
+
+
+def load_vae(path, device="cpu", dtype=None):
+    """A diffusers AutoencoderKL in eval mode from a local folder such as sd-vae-ft-ema (in `dtype`, default the
+    saved one)."""
     from diffusers import AutoencoderKL
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"VAE folder {path} has no config.json: expected a diffusers AutoencoderKL folder "
                                 "such as sd-vae-ft-ema")
-    return AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def load_pipeline(model_path, config=None, image_size=None, t5_path=None, vae_path=None, device="cpu",
@@ -281,7 +344,7 @@ def load_pipeline(model_path, config=None, image_size=None, t5_path=None, vae_pa
     before the transformer moves (`load_loras`)."""
     model = load_transformer(model_path, config=config, image_size=image_size, use_ema=use_ema)
     adapters = load_loras(model, loras, merge=merge_loras)
-    t5_dir = resolve_t5_dir(t5_path or (config.t5_pretrained if config is not None else RELEASED_T5_DIR))
+    t5_dir = t5_folder(t5_path, config)
     vae_dir = vae_path or (config.vae_pretrained if config is not None else RELEASED_VAE_DIR)
     text_encoder = T5Embedder(t5_dir, device=t5_device or device, model_max_length=model.model_max_length)
     if text_encoder.hidden_size != model.caption_channels:
@@ -292,6 +355,6 @@ def load_pipeline(model_path, config=None, image_size=None, t5_path=None, vae_pa
                     device=device, dtype=dtype, adapters=adapters)
 
 
-__all__ = ["SAMPLERS", "DEFAULT_STEPS", "PromptError", "PromptJob", "parse_prompt", "resolve_t5_dir",
-           "load_transformer", "pair_lora_scales", "load_loras",
-           "Pipeline", "check_prompt_length", "load_vae", "load_pipeline", "CheckpointError"]
+__all__ = ["SAMPLERS", "DEFAULT_STEPS", "MIN_STEPS", "PromptError", "PromptJob", "parse_prompt", "resolve_t5_dir",
+           "describe_transformer", "load_transformer", "pair_lora_scales", "load_loras", "Pipeline", "check_steps",
+           "check_prompt_length", "t5_folder", "load_tokenizer", "load_vae", "load_pipeline", "CheckpointError"]

@@ -21,6 +21,7 @@ from diffusion.release import DTYPES, RELEASED_IMAGE_SIZES, RELEASED_T5_DIR, REL
 from diffusion.train.state import list_checkpoints
 from diffusion.utils.checkpoint import CheckpointError
 from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
+from scripts.inference import device_name, positive_int
 
 TOY_CONFIG = "configs/pixart_config/PixArt_toy_shapes.py"
 TOY_WORK_DIR = "output/quickstart/train"
@@ -46,10 +47,13 @@ def parse_args(argv=None):
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
-    parser.add_argument("--concurrency", type=int, default=1, help="requests sampled at the same time (default 1)")
-    parser.add_argument("--max-queue", type=int, default=16, help="requests waiting at most (default 16)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--t5_device", help="device for T5 (default: --device; 'cpu' saves GPU memory)")
+    parser.add_argument("--concurrency", type=positive_int, default=1,
+                        help="requests sampled at the same time (default 1)")
+    parser.add_argument("--max-queue", type=positive_int, default=16, help="requests waiting at most (default 16)")
+    parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device")
+    parser.add_argument("--t5_device", type=device_name,
+                        help="device for T5 (default: --device; 'cpu' saves GPU memory)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16" if torch.cuda.is_available() else "fp32",
                         help="transformer dtype")
     return parser.parse_args(argv)

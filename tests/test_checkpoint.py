@@ -187,3 +187,88 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+# ---------------------------------------------------------------- diffusers weights (--load-from, --model_path)
+
+def diffusers_folder(tmp_path, model, **save_options):
+    """`model` saved as a diffusers PixArtTransformer2DModel folder, by diffusers itself (sharded if asked)."""
+    from diffusion.utils.diffusers_interop import (
+        NULL_CAPTION_FILE,
+        architecture_of,
+        build_diffusers_model,
+        pixart_to_diffusers,
+    )
+    state, extras = pixart_to_diffusers(model.state_dict())
+    folder = tmp_path / "transformer"
+    build_diffusers_model(architecture_of(model), state).save_pretrained(folder, **save_options)
+    save_weights({"y_embedding": extras["y_embedding"]}, folder / NULL_CAPTION_FILE)
+    return folder
+
+
+def test_a_diffusers_folder_reads_as_our_state_dict(tmp_path):
+    source = tiny_model(seed=1)
+    target = tiny_model(seed=2)
+    report = load_state_dict_into(target, read_state_dict(diffusers_folder(tmp_path, source)))
+    assert_same_weights(source, target)
+    assert not report.missing and not report.unexpected
+
+
+def test_a_sharded_diffusers_folder_reads_every_shard(tmp_path):
+    source = tiny_model(seed=1)
+    folder = diffusers_folder(tmp_path, source, max_shard_size="200KB")
+    assert len(list(folder.glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    target = tiny_model(seed=2)
+    load_state_dict_into(target, read_state_dict(folder))
+    assert_same_weights(source, target)
+
+
+def test_a_diffusers_named_safetensors_file_is_converted(tmp_path):
+    from diffusion.utils.diffusers_interop import pixart_to_diffusers
+    source = tiny_model(seed=1)
+    save_weights(pixart_to_diffusers(source.state_dict())[0], tmp_path / "diffusers.safetensors")
+    target = tiny_model(seed=2)
+    initial_null_caption = target.y_embedder.y_embedding.clone()
+    report = load_state_dict_into(target, read_state_dict(tmp_path / "diffusers.safetensors"), strict=False)
+    # the file carries no null caption: every other weight is loaded, that one stays initialised and is reported
+    assert report.missing == ["y_embedder.y_embedding"] and not report.unexpected
+    assert torch.equal(target.y_embedder.y_embedding, initial_null_caption)
+    assert torch.equal(target.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
+
+
+def test_a_non_strict_load_that_matches_no_weight_is_an_error_naming_both_sides(tmp_path):
+    path = tmp_path / "other_model.safetensors"
+    save_weights({"encoder.layer.0.weight": torch.zeros(2), "pos_embed": torch.zeros(1, 16, 96)}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict_into(tiny_model(), read_state_dict(path), strict=False, source=path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: none of its 2 tensors is a weight of PixArt")
+    assert "its keys [encoder.layer.0.weight, pos_embed] (2 keys)" in message
+    assert "the model's keys [blocks.0.attn.proj.bias" in message
+
+
+def test_a_folder_is_not_a_missing_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty is a folder without config.json .*expected a diffusers"):
+        read_state_dict(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: [p.unlink() for p in f.glob("diffusion_pytorch_model*")],
+     r"transformer has config.json but no weights: expected diffusion_pytorch_model.safetensors"),
+    (lambda f: (f / "config.json").write_text("{'sample_size': 8,"),
+     r"transformer/config.json is not valid JSON \(Expecting property name .* at line 1 column 2\): expected the "
+     "config of a diffusers PixArtTransformer2DModel"),
+    (lambda f: (f / "config.json").write_text('{"_class_name": "AutoencoderKL", "sample_size": 8}'),
+     r"transformer/config.json describes a diffusers AutoencoderKL: expected the config of a diffusers "
+     "PixArtTransformer2DModel"),
+    (lambda f: (f / "config.json").write_text('{"model_type": "t5", "d_model": 32}'),
+     r"config.json is the config of a transformers 't5' model"),
+    (lambda f: (f / "config.json").write_text('{"_class_name": "PixArtTransformer2DModel", "num_layers": 2}'),
+     r"config.json lacks \['sample_size', 'num_attention_heads'"),
+], ids=["no-weights", "not-json", "another-class", "a-t5-folder", "incomplete"])
+def test_a_broken_diffusers_folder_is_a_named_error(tmp_path, damage, message):
+    folder = diffusers_folder(tmp_path, tiny_model())
+    damage(folder)
+    with pytest.raises(CheckpointError, match=message):
+        read_state_dict(folder)

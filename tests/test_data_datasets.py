@@ -17,7 +17,7 @@ from diffusion.data.datasets import (
     build_dataset,
     build_dataset_from_config,
 )
-from diffusion.data.errors import AnnotationError, BadRecordError
+from diffusion.data.errors import AnnotationError, BadRecordError, DataError
 from diffusion.data.latents import posterior_feature, sample_latent
 from diffusion.data.transforms import default_train
 from diffusion.utils.config import load_config
@@ -250,3 +250,54 @@ def test_build_dataset_from_the_toy_config(tmp_path, vae):
         build_dataset({'type': 'InternalDataM', 'root': 'x'})
     with pytest.raises(TypeError, match=r"takes no argument\(s\) \['colour'\]"):
         build_dataset({**cfg.data, 'colour': 'red'}, data_root=str(tmp_path))
+
+
+# ---------------------------------------------------------------- a dataset too small to train on
+
+def annotated(root, num_records, sizes=((64, 64),)):
+    """A dataset folder whose annotation lists `num_records` records (no image or feature files: building the
+    training data reads none)."""
+    items = [{'path': f'set/img{i}.png', 'prompt': f'caption {i}', 'height': sizes[i % len(sizes)][0],
+              'width': sizes[i % len(sizes)][1]} for i in range(num_records)]
+    annotation = paths.annotation_path(root, 'data_info.json')
+    annotation.parent.mkdir(parents=True)
+    annotation.write_text(json.dumps(items))
+    return annotation
+
+
+def training_data(tmp_path, world_size=1, **overrides):
+    from diffusion.train.data import build_train_data
+    cfg = load_config(REPO / 'configs/pixart_config/PixArt_toy_shapes.py',
+                      {'data_root': str(tmp_path), 'data.root': 'ds', **overrides})
+    return build_train_data(cfg, rank=0, world_size=world_size, num_workers=0, device='cpu')
+
+
+def test_an_empty_dataset_is_a_data_error_naming_its_annotation_file(tmp_path):
+    annotation = annotated(tmp_path / 'ds', 0)
+    with pytest.raises(DataError, match='has no records: nothing to train on') as err:
+        training_data(tmp_path)
+    assert str(annotation) in str(err.value)
+
+
+def test_a_batch_larger_than_the_dataset_names_records_and_batch(tmp_path):
+    annotation = annotated(tmp_path / 'ds', 6)
+    with pytest.raises(DataError, match=r'has 6 records, fewer than one optimizer step of 8 \(train_batch_size 8 '
+                                        r'x 1 rank\(s\) x 1 accumulation step\(s\)\)') as err:
+        training_data(tmp_path, train_batch_size=8)
+    assert str(annotation) in str(err.value)
+
+
+def test_the_batch_must_fit_once_per_rank_and_accumulation_step(tmp_path):
+    annotated(tmp_path / 'ds', 6)
+    assert len(training_data(tmp_path, world_size=1, train_batch_size=4).batch_sampler) == 1
+    with pytest.raises(DataError, match=r'step of 8 \(train_batch_size 4 x 2 rank\(s\) x 1'):
+        training_data(tmp_path, world_size=2, train_batch_size=4)
+    with pytest.raises(DataError, match=r'step of 8 \(train_batch_size 4 x 1 rank\(s\) x 2 accumulation'):
+        training_data(tmp_path, train_batch_size=4, gradient_accumulation_steps=2)
+
+
+def test_multi_scale_batches_must_fit_in_one_bucket(tmp_path):
+    annotated(tmp_path / 'ds', 6, sizes=((64, 64), (32, 128)))  # two buckets of 3 records
+    with pytest.raises(DataError, match=r'has 6 records in 2 aspect-ratio buckets \(the largest holds 3\), fewer '
+                                        r'than one optimizer step of 4'):
+        training_data(tmp_path, train_batch_size=4, **{'data.type': 'InternalDataMS', 'image_size': 256})

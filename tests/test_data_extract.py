@@ -6,6 +6,7 @@ import pytest
 
 from diffusion.data import paths
 from diffusion.data.aspect_ratios import aspect_ratio_table, closest_bucket
+from diffusion.data.errors import DataError
 from diffusion.data.extract import shard_indices
 from diffusion.data.feature_io import load_vae_feature
 from tests.data_fixtures import SIZES, HashTextEncoder, extractor, make_dataset, tiny_vae, write_image
@@ -115,3 +116,67 @@ def test_every_flag_is_documented_in_help(tool, capsys):
         assert action.help and len(action.help) > 10, f'{action.option_strings or action.dest} has no help'
         for option in action.option_strings:
             assert option in text
+
+
+# ---------------------------------------------------------------- a disk that cannot take the files
+
+def disk_full_after(limit, real):
+    """A numpy writer that writes `limit` files, then half of the next one and fails as a full disk does."""
+    import errno
+    import os
+    calls = []
+
+    def write(f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= limit:
+            return real(f, *args, **kwargs)
+        f.write(b'half a feature file')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write
+
+
+def test_a_full_disk_stops_extraction_naming_the_file_and_leaves_no_partial_file(tmp_path, vae, monkeypatch):
+    from diffusion.data.extract import FeatureWriteError
+    root = make_dataset(tmp_path / 'ds')
+    ex, records = extractor(root, None, vae)
+    monkeypatch.setattr(np, 'save', disk_full_after(2, np.save))
+    with pytest.raises(FeatureWriteError) as err:
+        ex.run(list(range(len(records))), tmp_path / 'f.jsonl')
+    third = paths.vae_feature_path(root, records[2].path, 64)
+    assert str(err.value) == (f'cannot write {third}: No space left on device; the 2 feature file(s) written before '
+                              'it are complete and kept (a rerun skips them)')
+    assert feature_files(root) == [p.relative_to(root).as_posix() for p in
+                                   (paths.vae_feature_path(root, r.path, 64) for r in records[:2])]
+    assert not list(root.rglob('*.tmp')) and not list(root.rglob('.*'))
+    monkeypatch.undo()
+    summary = ex.run(list(range(len(records))), tmp_path / 'f.jsonl')  # the rerun resumes
+    assert (summary.counts['vae'].skipped, summary.counts['vae'].written) == (2, len(records) - 2)
+
+
+def test_a_read_only_folder_stops_extraction_naming_the_file(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+    root = make_dataset(tmp_path / 'ds')
+    ex, records = extractor(root, HashTextEncoder(), None)
+
+    def read_only(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, 'Read-only file system', str(dir))
+
+    monkeypatch.setattr(tempfile, 'mkstemp', read_only)
+    with pytest.raises(DataError, match=f'cannot write {paths.caption_feature_path(root, records[0].path)}: '
+                                        'Read-only file system; the 0 feature file'):
+        ex.run([0, 1], tmp_path / 'f.jsonl')
+    assert feature_files(root) == []
+
+
+def test_the_tool_reports_a_full_disk_in_one_line(tiny_pipeline, monkeypatch, capsys):
+    from tools import extract_features
+    monkeypatch.setattr(np, 'savez', disk_full_after(0, np.savez))
+    root, config = tiny_pipeline
+    with pytest.raises(SystemExit) as exit_info:
+        extract_features.main([str(config), '--skip-vae', '--no-progress', '--threads', '1'])
+    message = str(exit_info.value.code)
+    assert message.startswith(f'error: cannot write {root / "toy"}') and message.endswith(
+        '.npz: No space left on device; the 0 feature file(s) written before it are complete and kept (a rerun '
+        'skips them)')
+    assert not list((root / 'toy').rglob('*.npz')) and not list((root / 'toy').rglob('*.tmp'))

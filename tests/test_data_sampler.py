@@ -2,6 +2,7 @@
 import pytest
 
 from diffusion.data.datasets import AspectRatioBatchSampler, DistributedBatchSampler
+from diffusion.data.datasets.batch_sampler import global_batch_count
 
 KEYS = ['1.0'] * 23 + ['0.5'] * 11 + ['2.0'] * 6  # 40 records in three buckets
 
@@ -77,3 +78,11 @@ def test_the_effective_batch_not_its_split_defines_each_steps_records(world, acc
     for step, batch in enumerate(whole):
         micro = [b for batches in per_rank for b in batches[step * accumulation:(step + 1) * accumulation]]
         assert sorted(i for b in micro for i in b) == sorted(batch)
+
+
+@pytest.mark.parametrize('drop_last', [True, False])
+def test_global_batch_count_is_the_samplers_steps_per_epoch(drop_last):
+    """The start-up check that a dataset fills a step counts with the sampler's own rule."""
+    s = sampler(world=2, batch_size=3, accumulation=2, drop_last=drop_last)
+    assert global_batch_count([23, 11, 6], 3 * 2 * 2, drop_last) * 2 == len(s)
+    assert global_batch_count([23, 11, 6], 24) == 0  # no bucket holds 24 records

@@ -176,3 +176,39 @@ def test_tool_reverse_with_a_random_null_caption_is_explicit_and_seeded(tmp_path
     a, b = read_state_dict(tmp_path / "a.safetensors"), read_state_dict(tmp_path / "b.safetensors")
     assert torch.equal(a["y_embedder.y_embedding"], b["y_embedder.y_embedding"])
     assert a["y_embedder.y_embedding"].shape == (8, 32)
+
+
+# ---------------------------------------------------------------- broken folders are named errors
+
+def test_tool_reverse_of_a_folder_with_a_malformed_config_names_the_file(tmp_path):
+    model = tiny_model()
+    folder = save_diffusers_transformer(model.state_dict(), architecture_of(model), tmp_path / "t")
+    (folder / "config.json").write_text("not json")
+    for extra in ([], ["--random-null-caption", 1]):
+        code, err = run_tool("--reverse", "--orig_ckpt_path", folder, "--dump_path", tmp_path / "back.pth", *extra)
+        assert code != 0 and f"{folder / 'config.json'} is not valid JSON" in err
+    assert not (tmp_path / "back.pth").exists()
+
+
+def test_a_folder_whose_weights_lack_a_tensor_names_the_folder_and_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = tiny_model()
+    folder = save_diffusers_transformer(model.state_dict(), architecture_of(model), tmp_path / "t")
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    del weights["transformer_blocks.1.attn2.to_k.weight"]
+    save_file(weights, folder / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CheckpointError, match=f"{folder}: diffusers state dict lacks the key "
+                                              "'transformer_blocks.1.attn2.to_k.weight'"):
+        load_diffusers_transformer(folder)
+
+
+def test_a_shard_index_naming_a_missing_shard_is_a_named_error(tmp_path):
+    model = tiny_model()
+    state, _ = pixart_to_diffusers(model.state_dict())
+    folder = tmp_path / "t"
+    build_diffusers_model(architecture_of(model), state).save_pretrained(folder, max_shard_size="200KB")
+    shard = sorted(folder.glob("diffusion_pytorch_model-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"shards \\['{shard.name}'\\] listed in "
+                                              "diffusion_pytorch_model.safetensors.index.json are missing"):
+        load_diffusers_transformer(folder, null_caption=model.y_embedder.y_embedding)

@@ -153,3 +153,41 @@ def test_sampler_projects_the_captions_once_and_samples_as_with_the_features_eve
         plain = spec.fn(model_fn, noise, 4, generator=[1, 2])
     assert len(projections) > 4  # one per model evaluation
     torch.testing.assert_close(encoded, ((plain + 1) / 2).clamp(0, 1), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- diffusers weights as --model_path
+
+def diffusers_copy(tiny_pipeline, folder):
+    """The tiny checkpoint as a diffusers PixArtTransformer2DModel folder (with its null caption file)."""
+    from diffusion.model.builder import build_model_from_config
+    from diffusion.utils.checkpoint import read_state_dict
+    from diffusion.utils.config import load_config
+    from diffusion.utils.diffusers_interop import architecture_of, save_diffusers_transformer
+
+    root, config = tiny_pipeline
+    with torch.device("meta"):
+        model = build_model_from_config(load_config(config))
+    return save_diffusers_transformer(read_state_dict(root / "model.pth"), architecture_of(model), folder)
+
+
+def sample_with(tiny_pipeline, model_path, out):
+    inference.main(["--config", str(tiny_pipeline[1]), "--model_path", str(model_path), "--output-dir", str(out),
+                    "--step", "3", "--device", "cpu", "--prompt", "a small red circle on a gray background"])
+    return list(out.glob("*.png"))
+
+
+def test_a_diffusers_folder_samples_the_images_of_the_checkpoint_it_came_from(tiny_pipeline, tmp_path):
+    folder = diffusers_copy(tiny_pipeline, tmp_path / "diffusers")
+    (a,) = sample_with(tiny_pipeline, tiny_pipeline[0] / "model.pth", tmp_path / "pth")
+    (b,) = sample_with(tiny_pipeline, folder, tmp_path / "folder")
+    assert a.name == b.name and np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_a_diffusers_weights_file_needs_its_null_caption(tiny_pipeline, tmp_path):
+    folder = diffusers_copy(tiny_pipeline, tmp_path / "diffusers")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    assert len(sample_with(tiny_pipeline, weights, tmp_path / "beside")) == 1  # the null caption beside it is used
+    (folder / "pixart_null_caption.safetensors").unlink()
+    with pytest.raises(SystemExit, match=f"error: {weights} has no null caption"):
+        sample_with(tiny_pipeline, weights, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*"))

@@ -17,7 +17,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `diffusion`, installed or not
 
 import argparse
-import json
 import shutil
 import tempfile
 
@@ -33,6 +32,7 @@ from diffusion.utils.diffusers_interop import (
     build_pixart,
     find_transformer_folder,
     load_diffusers_transformer,
+    read_diffusers_config,
     save_diffusers_transformer,
 )
 
@@ -125,7 +125,7 @@ def reverse(args):
         raise SystemExit("error: give at most one of --null-caption-from and --random-null-caption")
     null_caption = args.null_caption_from
     if args.random_null_caption is not None:
-        config = json.loads((find_transformer_folder(args.input) / "config.json").read_text())
+        config = read_diffusers_config(find_transformer_folder(args.input))
         channels = architecture_from_diffusers_config(config)["caption_channels"]
         generator = torch.Generator().manual_seed(args.random_null_caption)
         null_caption = torch.randn(args.model_max_length, channels, generator=generator) / channels ** 0.5

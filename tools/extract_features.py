@@ -36,6 +36,13 @@ from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_c
 from diffusion.utils.cpu import idle_cpu_threads
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    if not text.strip().lstrip('+').isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f'expected an integer >= 1, got {text!r}')
+    return int(text)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=__doc__.split('\n\n', 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,13 +53,14 @@ def build_parser():
                              'data.image_list_txt for SAM), e.g. --annotations data_info.json val_info.json')
     parser.add_argument('--skip-t5', action='store_true', help='do not extract T5 caption features')
     parser.add_argument('--skip-vae', action='store_true', help='do not extract VAE features')
-    parser.add_argument('--batch-size', type=int, default=32, help='captions or images per encoder call (default 32)')
+    parser.add_argument('--batch-size', type=positive_int, default=32,
+                        help='captions or images per encoder call (default 32)')
     parser.add_argument('--num-workers', type=int, default=0,
                         help='image-loading worker processes (default 0: load in the main process)')
     parser.add_argument('--device', default=None,
                         help='torch device for the encoders (default: cuda:LOCAL_RANK when CUDA is available, '
                              'else cpu)')
-    parser.add_argument('--threads', type=int, default=None,
+    parser.add_argument('--threads', type=positive_int, default=None,
                         help='torch CPU threads (default: OMP_NUM_THREADS, else the cores idle right now, at least 1)')
     parser.add_argument('--t5-dtype', choices=sorted(DTYPES), default=None,
                         help='T5 weight dtype (default: bf16 on CUDA, fp32 on CPU)')
@@ -112,18 +120,20 @@ def main(argv=None):
           flush=True)
 
     text_encoder = vae = None
-    if not args.skip_t5:
-        from diffusion.model.t5 import T5Embedder
-        text_encoder = T5Embedder(cfg.t5_pretrained, device=device, torch_dtype=args.t5_dtype,
-                                  model_max_length=cfg.model_max_length, load_in_8bit=args.t5_8bit)
-        if text_encoder.hidden_size != cfg.caption_channels:
-            raise SystemExit(f'error: {cfg.t5_pretrained} gives {text_encoder.hidden_size}-wide features, the config '
-                             f'says caption_channels={cfg.caption_channels}')
-    if not args.skip_vae:
-        from diffusers import AutoencoderKL
-        from diffusion.model.t5 import resolve_dtype
-        vae = AutoencoderKL.from_pretrained(cfg.vae_pretrained, local_files_only=True,
-                                            torch_dtype=resolve_dtype(args.vae_dtype, device)).to(device).eval()
+    try:
+        if not args.skip_t5:
+            from diffusion.model.t5 import T5Embedder
+            text_encoder = T5Embedder(cfg.t5_pretrained, device=device, torch_dtype=args.t5_dtype,
+                                      model_max_length=cfg.model_max_length, load_in_8bit=args.t5_8bit)
+            if text_encoder.hidden_size != cfg.caption_channels:
+                raise SystemExit(f'error: {cfg.t5_pretrained} gives {text_encoder.hidden_size}-wide features, the '
+                                 f'config says caption_channels={cfg.caption_channels}')
+        if not args.skip_vae:
+            from diffusion.model.t5 import resolve_dtype
+            from diffusion.pipeline import load_vae
+            vae = load_vae(cfg.vae_pretrained, device, dtype=resolve_dtype(args.vae_dtype, device))
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f'error: {err}')
 
     extractor = FeatureExtractor(
         dataset, text_encoder=text_encoder, vae=vae, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -131,7 +141,10 @@ def main(argv=None):
         progress=not args.no_progress)
     failures_file = args.failures_file or paths.failures_path(dataset.dataset_dir, rank, world_size)
     started = time.time()
-    summary = extractor.run(indices, failures_file=Path(failures_file))
+    try:
+        summary = extractor.run(indices, failures_file=Path(failures_file))
+    except DataError as err:  # a file that cannot be written (disk full, read-only folder) stops the run
+        raise SystemExit(f'error: {err}')
     print(summary.text())
     print(f'features under {dataset.dataset_dir} ({time.time() - started:.1f} s)')
     return 1 if summary.failures else 0

@@ -9,6 +9,8 @@ records, each record's caption, target size and transformed image, and its featu
 - Multi-scale: an InternalDataMS resizes each image to cover its closest bucket and center-crops it, so
   aspect ratios are never distorted (SPEC section 9 point 6), and batches hold one bucket size each.
 - A record that fails (corrupt image, missing caption, ...) is reported, not fatal: the summary lists it.
+- A file that cannot be written (disk full, read-only folder) stops the run with a FeatureWriteError naming
+  it; no partial file is left under a final name, and the files written before it are complete.
 """
 import json
 from dataclasses import dataclass, field
@@ -23,6 +25,26 @@ from diffusion.data.feature_io import load_caption_feature, load_vae_feature, sa
 from diffusion.data.latents import posterior_feature
 from diffusion.release import VAE_DOWNSAMPLE
 from diffusion.utils.fileio import atomic_write_text
+
+
+class FeatureWriteError(DataError):
+    """A feature (or failure-list) file that cannot be written: the run stops, naming the file and why."""
+
+    def __init__(self, path, error, written):
+        reason = error.strerror or str(error)
+        super().__init__(f'cannot write {path}: {reason}; the {written} feature file(s) written before it are '
+                         'complete and kept (a rerun skips them)')
+        self.path = str(path)
+
+
+def _write(summary, kind, save, path, *args, **kwargs):
+    """`save(path, *args, **kwargs)` (an atomic write) counted as a `kind` feature; an OSError becomes a
+    FeatureWriteError."""
+    try:
+        save(path, *args, **kwargs)
+    except OSError as err:
+        raise FeatureWriteError(path, err, summary.written()) from err
+    summary.counts[kind].written += 1
 
 
 def shard_indices(num_records, start=0, end=None, rank=0, world_size=1):
@@ -53,6 +75,9 @@ class ExtractionSummary:
         self.counts[kind].failed += 1
         self.failures.append({'index': index, 'source': record.source, 'image': record.path, 'feature': kind,
                               'error': str(error)})
+
+    def written(self):
+        return sum(c.written for c in self.counts.values())
 
     def text(self):
         lines = [f'{kind}: {c.written} written, {c.skipped} already present, {c.failed} failed'
@@ -106,10 +131,13 @@ class FeatureExtractor:
             self._run_t5(indices, summary)
         if self.vae is not None:
             self._run_vae(indices, summary)
-        if summary.failures:
-            atomic_write_text(failures_file, ''.join(json.dumps(f) + '\n' for f in summary.failures))
-        elif failures_file.exists():
-            failures_file.unlink()
+        try:
+            if summary.failures:
+                atomic_write_text(failures_file, ''.join(json.dumps(f) + '\n' for f in summary.failures))
+            elif failures_file.exists():
+                failures_file.unlink()
+        except OSError as err:
+            raise FeatureWriteError(failures_file, err, summary.written()) from err
         return summary
 
     def _bar(self, total, desc):
@@ -139,9 +167,9 @@ class FeatureExtractor:
                     features = features.float().cpu().numpy()
                     masks = masks.cpu().numpy()
                     for row, index in enumerate(batch):
-                        save_caption_feature(self.dataset.caption_feature_path(self.records[index]),
-                                             features[row:row + 1], masks[row:row + 1], dtype=self.feature_dtype)
-                        counts.written += 1
+                        path = self.dataset.caption_feature_path(self.records[index])
+                        _write(summary, 't5', save_caption_feature, path, features[row:row + 1],
+                               masks[row:row + 1], dtype=self.feature_dtype)
                 bar.update(min(self.batch_size, len(indices) - start))
                 self._postfix(bar, counts)
 
@@ -168,19 +196,19 @@ class FeatureExtractor:
                 group = pending.setdefault(tuple(image.shape[-2:]), [])
                 group.append((index, image))
                 if len(group) == self.batch_size:
-                    self._encode(pending.pop(tuple(image.shape[-2:])), counts)
+                    self._encode(pending.pop(tuple(image.shape[-2:])), summary)
                     bar.update(self.batch_size)
                 self._postfix(bar, counts)
             for group in pending.values():
-                self._encode(group, counts)
+                self._encode(group, summary)
                 bar.update(len(group))
             self._postfix(bar, counts)
 
-    def _encode(self, group, counts):
+    def _encode(self, group, summary):
         features = posterior_feature(self.vae, torch.stack([image for _, image in group])).float().cpu().numpy()
         for (index, _), feature in zip(group, features):
-            save_vae_feature(self.dataset.vae_feature_path(self.records[index]), feature, dtype=self.feature_dtype)
-            counts.written += 1
+            path = self.dataset.vae_feature_path(self.records[index])
+            _write(summary, 'vae', save_vae_feature, path, feature, dtype=self.feature_dtype)
 
 
 class _ImageItems(Dataset):

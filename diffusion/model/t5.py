@@ -1,4 +1,5 @@
-"""The T5 text encoder (`T5Embedder`) and the caption cleaning applied before tokenisation (SPEC section 7).
+"""The T5 text encoder (`T5Embedder`), its tokenizer alone (`CaptionTokenizer`) and the caption cleaning applied
+before tokenisation (SPEC section 7).
 
 The encoder is read from a local folder laid out like `t5-v1_1-xxl` (tokenizer files + `T5EncoderModel`
 weights); nothing is downloaded. The toy encoder of `tools/build_toy_encoders.py` is such a folder too.
@@ -70,7 +71,43 @@ def resolve_dtype(dtype, device):
     return DTYPES[dtype]
 
 
-class T5Embedder:
+class CaptionTokenizer:
+    """The tokenizer of a local T5 folder applied as T5Embedder applies it (captions cleaned, special tokens added,
+    padded and truncated to `model_max_length`), without the encoder weights: cheap enough to check prompts
+    before any model loads. `token_count(text)` is what a caption needs untruncated."""
+
+    def __init__(self, local_dir, model_max_length=T5_TOKENS, clean_captions=True):
+        from transformers import AutoTokenizer
+
+        local_dir = Path(local_dir)
+        if not (local_dir / 'config.json').is_file():
+            raise FileNotFoundError(f'T5 folder {local_dir} has no config.json: expected a local T5 encoder folder '
+                                    f'such as t5-v1_1-xxl (tokenizer files, config.json and weights)')
+        if model_max_length < 1:
+            raise ValueError(f'model_max_length must be >= 1, got {model_max_length}')
+        self.local_dir = local_dir
+        self.model_max_length = model_max_length
+        self.clean_captions = clean_captions
+        self.tokenizer = AutoTokenizer.from_pretrained(local_dir, local_files_only=True)
+
+    def _cleaned(self, texts):
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f'texts must be a list of strings, got {texts!r:.200}')
+        return [clean_caption(t) for t in texts] if self.clean_captions else list(texts)
+
+    def tokenize(self, texts):
+        """Token ids and attention mask (B, L) of the (cleaned) texts."""
+        return self.tokenizer(self._cleaned(texts), max_length=self.model_max_length, padding='max_length',
+                              truncation=True, add_special_tokens=True, return_attention_mask=True,
+                              return_tensors='pt')
+
+    def token_count(self, text):
+        """The tokens (EOS included) the cleaned `text` needs; more than `model_max_length` are cut by `tokenize`."""
+        ids = self.tokenizer(self._cleaned([text])[0], add_special_tokens=True, truncation=False, verbose=False)
+        return len(ids['input_ids'])
+
+
+class T5Embedder(CaptionTokenizer):
     """T5 encoder features of captions: `get_text_embeddings(texts)` (also `embedder(texts)`) returns
     `(caption_features (B, L, C), attention_mask (B, L))` with L = `model_max_length` tokens (special tokens
     added, padded, truncated), on `device`.
@@ -83,20 +120,12 @@ class T5Embedder:
 
     def __init__(self, local_dir, device='cpu', torch_dtype=None, model_max_length=T5_TOKENS, load_in_8bit=False,
                  clean_captions=True):
-        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import T5EncoderModel
 
-        local_dir = Path(local_dir)
-        if not (local_dir / 'config.json').is_file():
-            raise FileNotFoundError(f'T5 folder {local_dir} has no config.json: expected a local T5 encoder folder '
-                                    f'such as t5-v1_1-xxl (tokenizer files, config.json and weights)')
-        if model_max_length < 1:
-            raise ValueError(f'model_max_length must be >= 1, got {model_max_length}')
-        self.local_dir = local_dir
+        super().__init__(local_dir, model_max_length=model_max_length, clean_captions=clean_captions)
+        local_dir = self.local_dir
         self.device = torch.device(device)
         self.dtype = resolve_dtype(torch_dtype, self.device)
-        self.model_max_length = model_max_length
-        self.clean_captions = clean_captions
-        self.tokenizer = AutoTokenizer.from_pretrained(local_dir, local_files_only=True)
         if load_in_8bit:
             self.model = T5EncoderModel.from_pretrained(
                 local_dir, local_files_only=True, quantization_config=_eight_bit_config(),
@@ -110,15 +139,6 @@ class T5Embedder:
     def hidden_size(self):
         """C, the width of the caption features."""
         return self.model.config.d_model
-
-    def tokenize(self, texts):
-        """Token ids and attention mask (B, L) of the (cleaned) texts."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError(f'texts must be a list of strings, got {texts!r:.200}')
-        if self.clean_captions:
-            texts = [clean_caption(t) for t in texts]
-        return self.tokenizer(list(texts), max_length=self.model_max_length, padding='max_length', truncation=True,
-                              add_special_tokens=True, return_attention_mask=True, return_tensors='pt')
 
     @torch.no_grad()
     def get_text_embeddings(self, texts):

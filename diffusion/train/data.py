@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 
 from diffusion.data.datasets.builder import build_dataset_from_config
 from diffusion.data.datasets.batch_sampler import build_batch_sampler
+from diffusion.train.checks import check_dataset_fills_a_step
 
 
 @dataclass
@@ -20,6 +21,7 @@ class TrainData:
 
 def build_train_data(cfg, rank, world_size, num_workers, device):
     dataset = build_dataset_from_config(cfg)
+    check_dataset_fills_a_step(dataset, cfg, world_size)
     batch_sampler = build_batch_sampler(dataset, cfg.train_batch_size, num_replicas=world_size, rank=rank,
                                         shuffle=True, seed=cfg.seed, drop_last=True,
                                         accumulation=cfg.gradient_accumulation_steps)

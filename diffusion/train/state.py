@@ -2,10 +2,12 @@
 
 A checkpoint holds `state_dict`, `state_dict_ema`, `optimizer`, `scheduler` (released key names, SPEC
 section 8), plus `scaler`, the run state (`epoch`, `step`, the position in the data order, the non-finite
-streak), every rank's RNG states, the config text and `flavour` (its name, EMA copies and own state; checkpoints
-written before it count as full training). Files are `work_dir/checkpoints/epoch_{E}_step_{S}.pth`; a name
-only ever holds a complete file (temp file then rename), so an interrupted save leaves the previous checkpoints
-intact.
+streak), every rank's RNG states, the config text, `flavour` (its name, EMA copies and own state; checkpoints
+written before it count as full training) and `run` (the run's identity, `{"id": ..., "parent": ...}`; checkpoints
+written before it have none and still resume). Files are `RUN_DIR/checkpoints/epoch_{E}_step_{S}.pth`, where the run
+dir is the work dir for its first run (`diffusion/train/workdir.py`); a name only ever holds a complete file (temp
+file then rename), so an interrupted save leaves the previous checkpoints intact. A run dir holds one run's lineage
+only, so pruning it touches no other run's files.
 """
 import random
 import re
@@ -47,7 +49,13 @@ def list_checkpoints(work_dir):
 
 def find_resumable_checkpoint(work_dir, log=print):
     """The newest checkpoint that reads back and holds a full training state, or None."""
-    for path in reversed(list_checkpoints(work_dir)):
+    return read_resumable_checkpoint(work_dir, log)[0]
+
+
+def read_resumable_checkpoint(run_dir, log=print):
+    """(path, contents) of the newest checkpoint of a run dir that reads back and holds a full training state, or
+    (None, None); unreadable and incomplete ones are skipped with a message to `log`."""
+    for path in reversed(list_checkpoints(run_dir)):
         try:
             obj = read_checkpoint(path)
         except CheckpointError as err:
@@ -57,15 +65,30 @@ def find_resumable_checkpoint(work_dir, log=print):
         if missing:
             log(f"skipping {path}: not a training checkpoint (lacks {missing})")
             continue
-        return path
-    return None
+        return path, obj
+    return None, None
 
 
-def prune_checkpoints(work_dir, keep_last_n):
-    """Delete all but the newest `keep_last_n` checkpoints (None or 0 keeps everything)."""
+def run_id_of(checkpoint):
+    """The id of the run that wrote a loaded checkpoint (None for checkpoints written before run ids)."""
+    run = checkpoint.get("run") or {}
+    return run.get("id")
+
+
+def prune_checkpoints(run_dir, keep_last_n, newest=None):
+    """Delete the run dir's checkpoints older than its newest `keep_last_n` (None or 0 keeps everything). Only
+    those sorting before `newest` (the one just written; default: the newest there) are deleted, so neither it nor
+    any checkpoint of a higher step ever is."""
+    if keep_last_n is not None and keep_last_n < 0:
+        raise ValueError(f"keep_last_n is {keep_last_n}; expected None, 0 (keep every checkpoint) or a positive "
+                         "number of checkpoints to keep")
     if not keep_last_n:
         return []
-    old = list_checkpoints(work_dir)[:-keep_last_n]
+    found = list_checkpoints(run_dir)
+    names = [path.name for path in found]
+    newest = Path(newest).name if newest is not None else (names[-1] if names else None)
+    older = found[:names.index(newest)] if newest in names else []
+    old = older[:max(0, len(older) - (keep_last_n - 1))]
     for path in old:
         path.unlink()
     return old

@@ -1,21 +1,31 @@
 """Load, override, validate and freeze configs (mmengine python config files with `_base_`).
 
 The base config `configs/PixArt_xl2_internal.py` is the schema: every top-level key of a config must be
-defined there, with a value of the same type. A loaded config is read-only; change it with
-`--cfg-options key=value` on the command line or `cfg.with_overrides({...})` in code. The keys in `INERT_KEYS`
-are accepted but do nothing; a value other than the base config's draws an `InertConfigKeyWarning` naming it.
+defined there, with a value of the same type, and a dict may only hold the keys the base config's
+`_dict_keys_` block lists (per dataset, optimizer, schedule or model where they depend on one). Each value
+must also lie in the range `VALUE_RULES` gives its (dotted) key, and a few combinations of keys are checked
+(`_check_combinations`). Config files and overrides are checked alike: the error names the key, the value,
+where it was set (the file, --cfg-options or with_overrides()) and what is accepted. A loaded config is
+read-only; change it with `--cfg-options key=value` on the command line or `cfg.with_overrides({...})` in
+code. The keys in `INERT_KEYS` are accepted but do nothing; a value other than the base config's draws an
+`InertConfigKeyWarning` naming it.
 """
 import argparse
 import ast
 import copy
 import difflib
+import math
 import os
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 from mmengine.config import Config
 
+from diffusion.data.aspect_ratios import table_names
+from diffusion.release import VAE_DOWNSAMPLE, XL_2_SHAPE
 from diffusion.utils.fileio import atomic_write_text
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / 'configs' / 'PixArt_xl2_internal.py'
@@ -26,10 +36,12 @@ _READ_ONLY = 'the config is read-only after loading; use --cfg-options KEY=VALUE
 # remote storage). They are accepted so that the released configs load as they are.
 INERT_KEYS = ('mask_type', 'num_group_tokens', 'mask_loss_coef', 'load_mask_index', 'eval_batch_size', 'valid_num',
               'eval_sampling_steps', 'save_image_epochs', 'tensorboard_mox_interval', 's3_work_dir')
+DIFFUSION_STEPS = 1000  # the steps of the training diffusion (IDDPM's default); train_sampling_steps respaces them
+DEFAULT_PATCH_SIZE = XL_2_SHAPE['patch_size']  # PixArt's default patch size too
 
 
 class ConfigError(ValueError):
-    """A config file or override is missing, unknown, mistyped, or a loaded config was modified."""
+    """A config file or override is missing, unknown, mistyped, out of range, or a loaded config was modified."""
 
 
 class ReadOnlyConfigError(ConfigError, TypeError):
@@ -38,6 +50,55 @@ class ReadOnlyConfigError(ConfigError, TypeError):
 
 class InertConfigKeyWarning(UserWarning):
     """A config sets one of `INERT_KEYS`, which no code reads, to a value other than the base config's."""
+
+
+# ---------------------------------------------------------------- the schema
+
+@dataclass(frozen=True)
+class Schema:
+    """What a config may hold, as the base config says: its values, the type of each top-level key (None: any),
+    the keys that may be None (`_may_be_none_`) and the keys of each dict (`_dict_keys_`)."""
+    defaults: dict
+    types: dict
+    may_be_none: tuple
+    dict_keys: dict
+
+    @classmethod
+    def from_file(cls, path):
+        if not os.path.isfile(path):
+            raise ConfigError(f'schema (base config) not found: {path}')
+        raw = Config.fromfile(str(path)).to_dict()
+        defaults = _strip_private(raw)
+        types = {key: None if value is None else type(value) for key, value in defaults.items()}
+        return cls(defaults, types, tuple(raw.get('_may_be_none_', ())), raw.get('_dict_keys_', {}))
+
+    def choices(self, key):
+        """(what selects the keys of dict `key`, {choice: its keys}), or (None, None) for a fixed set of keys."""
+        spec = self.dict_keys.get(key)
+        if not isinstance(spec, Mapping):
+            return None, None
+        return spec['per'], {name: keys for name, keys in spec.items() if name != 'per'}
+
+    def keys_of(self, key, data, source_of):
+        """The keys dict `key` of `data` may hold (its `type` included), and the choice that selects them."""
+        per, choices = self.choices(key)
+        if per is None:
+            keys = self.dict_keys.get(key)
+            return list(keys if keys is not None else self.defaults.get(key) or ()), None
+        own_type = per == f'{key}.type'
+        if own_type and 'type' not in data[key]:
+            raise ConfigError(f'config key {per!r} is missing {_where(source_of(key))}; expected one of '
+                              f'{_listing(choices)}')
+        choice = data[key]['type'] if own_type else data.get(per)
+        if not isinstance(choice, str) or choice not in choices:
+            close = difflib.get_close_matches(str(choice), list(choices), n=3, cutoff=0.6)
+            hint = f' (did you mean {" or ".join(map(repr, close))}?)' if close else ''
+            raise _value_error(per, choice, f'one of {_listing(choices)}{hint}', source_of(per))
+        return list(choices[choice]) + (['type'] if own_type else []), choice
+
+
+def _listing(names):
+    return ', '.join(map(repr, names))
 
 
 # ---------------------------------------------------------------- loading
@@ -51,12 +112,12 @@ def load_config(path, cfg_options=None, schema_path=SCHEMA_PATH):
         data = Config.fromfile(path).to_dict()
     except Exception as err:  # a bad `_base_` path, a syntax error, a dict over a non-dict base value...
         raise ConfigError(f'cannot load config {path}: {type(err).__name__}: {err}') from err
-    base = _load_base(schema_path)
-    schema = _schema_of(base)
+    schema = Schema.from_file(schema_path)
     data = _validate(_strip_private(data), schema, source=path)
     if cfg_options:
         data = _apply_overrides(data, cfg_options, schema, source='--cfg-options')
-    _warn_about_inert_keys(data, base, path, cfg_options or {})
+    _check_values(data, schema, _Sources(path, cfg_options or {}, '--cfg-options'))
+    _warn_about_inert_keys(data, schema.defaults, path, cfg_options or {})
     return FrozenConfig(data, filename=path, schema=schema)
 
 
@@ -67,7 +128,7 @@ def add_cfg_options_argument(parser):
         help='override config fields, e.g. --cfg-options train_batch_size=4 optimizer.lr=1e-4. '
              'Use dotted keys for nested fields; values are Python literals (numbers, True/False, '
              "None, [1,2] lists, ['a','b'] string lists); anything else is taken as a string, spaces "
-             'kept. Keys and types are '
+             'kept. Keys, types and ranges are '
              'checked against configs/PixArt_xl2_internal.py.')
 
 
@@ -86,22 +147,6 @@ class KeyValueAction(argparse.Action):
             except (ValueError, SyntaxError):
                 options[key] = raw
         setattr(namespace, self.dest, options)
-
-
-def _load_base(schema_path):
-    """The base config's values (the schema's defaults)."""
-    if not os.path.isfile(schema_path):
-        raise ConfigError(f'schema (base config) not found: {schema_path}')
-    return _strip_private(Config.fromfile(str(schema_path)).to_dict())
-
-
-def _schema_of(base):
-    """Map each base key to its base value's type; None means any type is accepted."""
-    return {key: None if value is None else type(value) for key, value in base.items()}
-
-
-def _load_schema(schema_path):
-    return _schema_of(_load_base(schema_path))
 
 
 def _warn_about_inert_keys(data, base, path, cfg_options):
@@ -123,15 +168,31 @@ def _strip_private(data):
     return {k: clean(v) for k, v in data.items() if not str(k).startswith('_')}
 
 
-# ---------------------------------------------------------------- validation
+# ---------------------------------------------------------------- keys and types
 
 def _where(source):
     """'in configs/x.py', 'from --cfg-options' or 'from with_overrides()'."""
     return f'from {source}' if source in ('--cfg-options', 'with_overrides()') else f'in {source}'
 
 
-def _unknown_key_error(key, schema, source):
-    close = difflib.get_close_matches(key, list(schema), n=3, cutoff=0.6)
+class _Sources:
+    """Where the value of a dotted key was set: by an override of it, of a key above or below it, else the file."""
+
+    def __init__(self, file, overrides, override_source):
+        self.file = file if file is not None else 'a config made in code'
+        self.overrides = {str(k) for k in overrides}
+        self.override_source = override_source
+
+    def __call__(self, dotted):
+        parts = dotted.split('.')
+        above = {'.'.join(parts[:i]) for i in range(1, len(parts) + 1)}
+        if above & self.overrides or any(k.startswith(dotted + '.') for k in self.overrides):
+            return self.override_source
+        return self.file
+
+
+def _unknown_key_error(key, valid, source):
+    close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.6)
     if close:
         hint = 'did you mean ' + ' or '.join(repr(c) for c in close) + '?'
     else:
@@ -139,12 +200,30 @@ def _unknown_key_error(key, schema, source):
     return ConfigError(f'unknown config key {key!r} {_where(source)}; {hint}')
 
 
-def _check_type(key, value, expected, source):
-    """Return `value` (an int promoted to float for float fields) or raise a ConfigError. A dict-valued
-    option may be None, which switches it off (mmengine merges a child's `dict()` into the base's dict, so
-    an empty dict could not)."""
-    if expected is None or (expected is dict and value is None):
+def _unknown_nested_key_error(key, sub, allowed, choice, schema, source):
+    dotted = f'{key}.{sub}'
+    takes = f'{choice + " takes" if choice else key + " holds"} {_listing(sorted(allowed))}'
+    others = [name for name, keys in (schema.choices(key)[1] or {}).items() if sub in keys]
+    close = difflib.get_close_matches(str(sub), allowed, n=3, cutoff=0.6)
+    if others:
+        hint = f'only {" and ".join(others)} {"takes" if len(others) == 1 else "take"} it; {takes}'
+    elif sub in schema.types:
+        hint = f'it has its own config key {sub!r}: set that instead'
+    elif close:
+        hint = 'did you mean ' + ' or '.join(repr(f'{key}.{c}') for c in close) + '?'
+    else:
+        hint = takes
+    return ConfigError(f'unknown config key {dotted!r} {_where(source)}; {hint}')
+
+
+def _check_type(key, value, expected, source, may_be_none=()):
+    """Return `value` (an int promoted to float for float fields) or raise a ConfigError. The keys of
+    `may_be_none` may also be None, which switches them off."""
+    if expected is None or (value is None and key in may_be_none):
         return value
+    if expected is dict and value is None:
+        raise ConfigError(f'config key {key!r} {_where(source)} is None; expected a dict (only '
+                          f'{_listing(may_be_none)} may be None)')
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected in (list, tuple):
@@ -164,25 +243,26 @@ def _validate(data, schema, source):
     """Check every top-level key and type against the schema; return the (possibly promoted) values."""
     checked = {}
     for key, value in data.items():
-        if key not in schema:
-            raise _unknown_key_error(key, schema, source)
-        checked[key] = _check_type(key, value, schema[key], source)
+        if key not in schema.types:
+            raise _unknown_key_error(key, schema.types, source)
+        checked[key] = _check_type(key, value, schema.types[key], source, schema.may_be_none)
     return checked
 
 
 def _apply_overrides(data, overrides, schema, source):
-    """Return a copy of `data` with dotted `overrides` set; a value replaces its target (no dict merge)."""
+    """Return a copy of `data` with dotted `overrides` set; a value replaces its target (no dict merge). The
+    nested keys are checked afterwards, with the values (`_check_values`)."""
     data = _thaw(data)
     for dotted, value in overrides.items():
         parts = str(dotted).split('.')
-        if parts[0] not in schema:
-            raise _unknown_key_error(parts[0], schema, source)
+        if parts[0] not in schema.types:
+            raise _unknown_key_error(parts[0], schema.types, source)
         if len(parts) == 1:
-            data[parts[0]] = _check_type(parts[0], _thaw(value), schema[parts[0]], source)
+            data[parts[0]] = _check_type(parts[0], _thaw(value), schema.types[parts[0]], source, schema.may_be_none)
             continue
         node = data
         for depth, part in enumerate(parts[:-1]):
-            if depth > 0 and part not in node:  # nested dict contents are free-form: create the level
+            if depth > 0 and part not in node:  # a level below a dict: refused by the key check that follows
                 node[part] = {}
             if not isinstance(node.get(part), dict):
                 raise ConfigError(f'cannot set {dotted!r} {_where(source)}: {".".join(parts[:depth + 1])!r} '
@@ -190,6 +270,205 @@ def _apply_overrides(data, overrides, schema, source):
             node = node[part]
         node[parts[-1]] = _thaw(value)
     return data
+
+
+# ---------------------------------------------------------------- values
+
+class _Rule(NamedTuple):
+    accepts: Callable  # value -> bool
+    expected: str      # what the error message says is accepted
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _at_least(low, meaning=''):
+    """An integer key (the schema checks the type) of at least `low`."""
+    return _Rule(lambda v: _is_int(v) and v >= low, f'at least {low}{meaning}')
+
+
+def _integer(low):
+    """A nested integer of at least `low` (nested values have no type from the schema)."""
+    return _Rule(lambda v: _is_int(v) and v >= low, f'an integer, at least {low}')
+
+
+def _real(low=None, high=None, low_open=False, high_open=False, meaning=''):
+    """A finite number in the given interval."""
+    def accepts(v):
+        return (_is_real(v) and (low is None or (v > low if low_open else v >= low))
+                and (high is None or (v < high if high_open else v <= high)))
+    if low is not None and high is not None:
+        text = f'a number in {"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
+    elif low is not None:
+        text = f'a number {">" if low_open else ">="} {low}'
+    else:
+        text = 'a number'
+    return _Rule(accepts, text + meaning)
+
+
+def _or_none(rule, note):
+    return _Rule(lambda v: v is None or rule.accepts(v), f'None or {rule.expected} ({note})')
+
+
+def _one_of(*choices):
+    return _Rule(lambda v: any(v == c and type(v) is type(c) for c in choices), f'one of {_listing(choices)}')
+
+
+def _exactly(value, why):
+    return _Rule(lambda v: v == value and type(v) is type(value), f'{value!r}: {why}')
+
+
+def _strings(non_empty_list=False):
+    """A list of strings (one string too where `non_empty_list`, as the datasets take it)."""
+    if non_empty_list:
+        return _Rule(lambda v: (isinstance(v, str) and v) or (isinstance(v, (list, tuple)) and v and all(
+            isinstance(x, str) and x for x in v)), 'a non-empty list of file names')
+    return _Rule(lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) and x for x in v),
+                 'a list of non-empty strings')
+
+
+def _numbers(count, text, accepts):
+    """A list or tuple of `count` finite numbers, each accepted by `accepts`."""
+    return _Rule(lambda v: isinstance(v, (list, tuple)) and len(v) == count and all(_is_real(x) and accepts(x)
+                                                                                 for x in v), text)
+
+
+_FLAG = _Rule(lambda v: isinstance(v, bool), 'True or False')
+_PATH = _Rule(lambda v: isinstance(v, str) and v != '', 'a non-empty string')
+_UNUSED = 'a released key the reference never applies (windowed attention / relative positions)'
+_RESUME = ('a resume restores the whole training state; start from chosen weights with load_from / --load-from '
+           'instead')
+
+# What each key's value may be beyond its type. A dotted key names a key of a dict; a rule given as a dict
+# depends on the dict's `type` (see `_dict_keys_` in the base config). The INERT_KEYS have no rule: nothing reads
+# them. image_size and a few combinations are checked in `_check_combinations`.
+VALUE_RULES = {
+    'image_list_json': _strings(),
+    'image_list_txt': _or_none(_strings(), 'None: no SA-1B lists'),
+    'train_batch_size': _at_least(1),
+    'num_workers': _at_least(0, ' (0: load the data in the main process)'),
+    'model_max_length': _at_least(1),
+    'caption_channels': _at_least(1),
+    'aspect_ratio_type': _or_none(_one_of(*table_names()), 'None: the ASPECT_RATIO_<image_size> table'),
+    'lewei_scale': _real(0, low_open=True),
+    'window_block_indexes': _Rule(lambda v: len(v) == 0, f'[]: {_UNUSED}'),
+    'window_size': _exactly(0, _UNUSED),
+    'use_rel_pos': _exactly(False, _UNUSED),
+    'class_dropout_prob': _real(0, 1, meaning=' (a probability)'),
+    'train_sampling_steps': _Rule(lambda v: 2 <= v <= DIFFUSION_STEPS,
+                                  f'between 2 and {DIFFUSION_STEPS} (a respacing of the {DIFFUSION_STEPS} steps)'),
+    'min_snr_gamma': _or_none(_real(0, low_open=True), 'None: the plain MSE'),
+    'cfg_scale': _real(0, meaning=' (1: no guidance)'),
+    'num_epochs': _at_least(1),
+    'gradient_accumulation_steps': _at_least(1),
+    'gradient_clip': _or_none(_real(0), 'None or 0: no clipping'),
+    'gc_step': _at_least(1),
+    'mixed_precision': _one_of('no', 'fp16', 'bf16'),
+    'ema_rate': _real(0, 1, high_open=True, meaning=' (at 1 the EMA would keep the initial weights)'),
+    'seed': _at_least(0),
+    'scale_factor': _real(0, low_open=True),
+    'load_from': _or_none(_PATH, 'None: no weights to start from'),
+    'save_model_epochs': _at_least(0, ' (0: no checkpoints by epoch)'),
+    'save_model_steps': _at_least(0, ' (0: no checkpoints by step)'),
+    'max_steps': _or_none(_at_least(1), 'None: num_epochs decides'),
+    'keep_last_n': _or_none(_at_least(0), 'None or 0: keep every checkpoint'),
+    'max_nonfinite_steps': _at_least(1),
+    'eval_interval': _at_least(0, ' (0: no validation grids)'),
+    'validation_prompts': _strings(),
+    'validation_steps': _at_least(1),
+    'log_interval': _at_least(1),
+    'work_dir': _PATH,
+    'data.root': _Rule(lambda v: isinstance(v, str), 'a folder name under data_root (a string)'),
+    'data.image_list_json': _strings(non_empty_list=True),
+    'data.image_list_txt': _strings(non_empty_list=True),
+    'data.transform': _PATH,
+    'data.load_vae_feat': _FLAG,
+    'data.load_t5_feat': _FLAG,
+    'data.cache_items': _FLAG,
+    'optimizer.lr': _real(0, low_open=True),
+    'optimizer.weight_decay': _real(0),
+    'optimizer.eps': {'AdamW': _real(0, low_open=True),
+                      'CAME': _numbers(2, 'a pair (eps1, eps2) of numbers > 0, e.g. (1e-30, 1e-16)', lambda x: x > 0)},
+    'optimizer.betas': {'AdamW': _numbers(2, 'two numbers in [0, 1), e.g. (0.9, 0.999)', lambda x: 0 <= x < 1),
+                        'CAME': _numbers(3, 'three numbers in [0, 1), e.g. (0.9, 0.999, 0.9999)',
+                                         lambda x: 0 <= x < 1)},
+    'optimizer.amsgrad': _FLAG,
+    'optimizer.clip_threshold': _real(0, low_open=True),
+    'lr_schedule_args.num_warmup_steps': _integer(0),
+    'auto_lr.rule': _one_of('sqrt', 'linear'),
+    'auto_lr.base_batch_size': _integer(1),
+    'resume_from.checkpoint': _or_none(_PATH, 'None: start fresh'),
+    'resume_from.load_ema': _exactly(False, _RESUME),
+    'resume_from.resume_optimizer': _exactly(True, _RESUME),
+    'resume_from.resume_lr_scheduler': _exactly(True, _RESUME),
+    **{f'model_kwargs.{key}': _integer(1) for key in ('patch_size', 'in_channels', 'hidden_size', 'depth',
+                                                       'num_heads')},
+    'model_kwargs.mlp_ratio': _real(0, low_open=True),
+    'model_kwargs.drop_path': _real(0, 1, high_open=True),
+    'model_kwargs.trim_captions': _FLAG,
+    'model_kwargs.pack_captions': _FLAG,
+    'model_kwargs.fused_modulation': _FLAG,
+}
+
+
+def _value_error(key, value, expected, source):
+    return ConfigError(f'config key {key!r} is {value!r}; expected {expected}; set {_where(source)}')
+
+
+def _apply_rule(rule, key, value, source_of, choice=None):
+    if isinstance(rule, Mapping):
+        rule = rule.get(choice)
+    if rule is not None and not rule.accepts(value):
+        raise _value_error(key, value, rule.expected, source_of(key))
+
+
+def _check_values(data, schema, source_of):
+    """The keys of every dict, every value's range and the combinations of keys; `source_of(dotted key)` says
+    where a value was set, for the error."""
+    for key, value in data.items():
+        if schema.types.get(key) is not dict or value is None:
+            continue
+        allowed, choice = schema.keys_of(key, data, source_of)
+        for sub in value:
+            if sub not in allowed:
+                raise _unknown_nested_key_error(key, sub, allowed, choice, schema, source_of(f'{key}.{sub}'))
+            if sub != 'type':
+                _apply_rule(VALUE_RULES.get(f'{key}.{sub}'), f'{key}.{sub}', value[sub], source_of, choice)
+    for key, value in data.items():
+        _apply_rule(VALUE_RULES.get(key), key, value, source_of)
+    _check_combinations(data, source_of)
+
+
+def _check_combinations(data, source_of):
+    """Values that are each valid but cannot go together (what multi_scale needs is checked by training, which
+    alone reads it: diffusion/train/checks.py)."""
+    patch = data['model_kwargs'].get('patch_size', DEFAULT_PATCH_SIZE)
+    factor = VAE_DOWNSAMPLE * patch
+    if data['image_size'] < factor or data['image_size'] % factor:
+        raise _value_error('image_size', data['image_size'], f'a multiple of {factor} (VAE factor {VAE_DOWNSAMPLE} '
+                           f'x patch size {patch}), at least {factor}', source_of('image_size'))
+    dataset = data['data']['type']
+    default_table = f'ASPECT_RATIO_{data["image_size"]}'
+    if dataset == 'InternalDataMS' and not data['aspect_ratio_type'] and default_table not in table_names():
+        raise _value_error('aspect_ratio_type', None, f'a bucket table: InternalDataMS at image_size '
+                           f'{data["image_size"]} has no default {default_table}', source_of('aspect_ratio_type'))
+    if data['snr_loss'] and data['min_snr_gamma'] is not None:
+        raise _value_error('min_snr_gamma', data['min_snr_gamma'], 'None when snr_loss=True (both reweight the '
+                           'MSE; choose one)', source_of('min_snr_gamma'))
+    if data['learn_sigma'] and not data['pred_sigma']:
+        raise _value_error('learn_sigma', True, 'False when pred_sigma=False (the variance is learned from the '
+                           "model's extra output channels)", source_of('learn_sigma'))
+    if data.get('lora') is not None:  # its keys and ranges are its reader's (LoraSettings documents each)
+        from diffusion.model.lora import LoraSettings
+        try:
+            LoraSettings.from_config(data['lora'])
+        except ConfigError as err:
+            raise ConfigError(f"{err} ({_where(source_of('lora'))})") from None
 
 
 # ---------------------------------------------------------------- read-only views
@@ -275,7 +554,7 @@ class FrozenConfig(FrozenDict):
     def __init__(self, data, filename=None, schema=None):
         super().__init__(data)
         object.__setattr__(self, '_filename', None if filename is None else str(filename))
-        object.__setattr__(self, '_schema', schema if schema is not None else _load_schema(SCHEMA_PATH))
+        object.__setattr__(self, '_schema', schema if schema is not None else Schema.from_file(SCHEMA_PATH))
 
     @property
     def filename(self):
@@ -293,7 +572,9 @@ class FrozenConfig(FrozenDict):
 
     def with_overrides(self, overrides):
         """A new validated config with dotted `overrides` applied; this one is left unchanged."""
-        data = _apply_overrides(self.to_dict(), dict(overrides), self._schema, source='with_overrides()')
+        overrides = dict(overrides)
+        data = _apply_overrides(self.to_dict(), overrides, self._schema, source='with_overrides()')
+        _check_values(data, self._schema, _Sources(self._filename, overrides, 'with_overrides()'))
         return FrozenConfig(data, filename=self._filename, schema=self._schema)
 
     def __reduce__(self):

@@ -2,7 +2,9 @@
 
 diffusers has no `y_embedding` (it guides with T5("") instead) and no persistent `pos_embed`; when we write a
 diffusers folder we keep the null caption beside the weights in `NULL_CAPTION_FILE`, so that converting
-back gives the identical state dict.
+back gives the identical state dict. A diffusers folder (config.json + diffusion_pytorch_model*.safetensors,
+sharded or not) is read without diffusers' loader, checked file by file, so a folder with missing weights or a
+config of another model is a named error, never a silently random model.
 """
 import json
 from pathlib import Path
@@ -13,10 +15,19 @@ from diffusion.model.builder import is_multi_scale
 from diffusion.model.nets import PixArt, PixArtMS
 from diffusion.model.nets.PixArt_blocks import get_2d_sincos_pos_embed
 from diffusion.release import T5_TOKENS, VAE_DOWNSAMPLE, released_lewei_scale
-from diffusion.utils.checkpoint import CheckpointError, atomic_save
+from diffusion.utils.checkpoint import CheckpointError, atomic_save, read_checkpoint
 
 NULL_CAPTION_FILE = "pixart_null_caption.safetensors"
 NULL_CAPTION_KEY = "y_embedder.y_embedding"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"  # sharded: weight_map key -> shard file
+WEIGHTS_BIN_FILE = "diffusion_pytorch_model.bin"
+# Transformer2DModel: what diffusers < 0.28 called the PixArt transformer (the released diffusers repos say so)
+CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
+_REQUIRED_CONFIG_KEYS = ("sample_size", "num_layers", "num_attention_heads", "attention_head_dim", "in_channels",
+                         "patch_size", "caption_channels")
+_DIFFUSERS_PREFIXES = ("transformer_blocks.", "adaln_single.", "caption_projection.")
 
 _GLOBAL_MODULES = [  # ours -> diffusers, module prefixes (their .weight and .bias follow)
     ("x_embedder.proj", "pos_embed.proj"),
@@ -103,8 +114,16 @@ def pixart_to_diffusers(state_dict):
     return out, extras
 
 
-def diffusers_to_pixart(state_dict, y_embedding, input_size, lewei_scale, patch_size=None):
-    """diffusers state dict -> PixArt state dict (released layout, with `pos_embed` and `y_embedding`)."""
+def is_diffusers_state_dict(state_dict):
+    """True when the keys are diffusers PixArtTransformer2DModel names rather than PixArt's."""
+    return any(k.startswith(_DIFFUSERS_PREFIXES) for k in state_dict) and not any(k.startswith("blocks.")
+                                                                                   for k in state_dict)
+
+
+def diffusers_to_pixart(state_dict, y_embedding=None, input_size=None, lewei_scale=None, patch_size=None):
+    """diffusers state dict -> PixArt state dict (released layout). `pos_embed` is added when `input_size` and
+    `lewei_scale` are given and `y_embedding` when it is (a model regenerates the first and initialises the
+    second when they are absent)."""
     src = dict(state_dict)
     depth = _block_count(src, "transformer_blocks.")
     multi_scale = any(k.startswith(f"{theirs}.") for _, theirs in _MS_MODULES for k in src)  # diffusers' names
@@ -115,11 +134,13 @@ def diffusers_to_pixart(state_dict, y_embedding, input_size, lewei_scale, patch_
         out[ours] = torch.cat([_take(src, name, "diffusers state dict") for name in parts], dim=0)
     if src:
         raise CheckpointError(f"diffusers state dict has keys with no PixArt counterpart: {sorted(src)}")
-    hidden = out["x_embedder.proj.weight"].shape[0]
-    patch = patch_size or out["x_embedder.proj.weight"].shape[-1]
-    base = input_size // patch
-    out["pos_embed"] = get_2d_sincos_pos_embed(hidden, base, lewei_scale, base).float().unsqueeze(0)
-    out[NULL_CAPTION_KEY] = y_embedding
+    if input_size is not None:
+        hidden = out["x_embedder.proj.weight"].shape[0]
+        patch = patch_size or out["x_embedder.proj.weight"].shape[-1]
+        base = input_size // patch
+        out["pos_embed"] = get_2d_sincos_pos_embed(hidden, base, lewei_scale, base).float().unsqueeze(0)
+    if y_embedding is not None:
+        out[NULL_CAPTION_KEY] = y_embedding
     return out
 
 
@@ -216,16 +237,93 @@ def save_diffusers_transformer(state_dict, arch, out_dir, dtype=None):
 def find_transformer_folder(path):
     """A transformer folder, or a pipeline folder's `transformer/` subfolder."""
     path = Path(path)
-    if (path / "config.json").is_file():
+    if (path / CONFIG_FILE).is_file():
         return path
-    if (path / "transformer" / "config.json").is_file():
+    if (path / "transformer" / CONFIG_FILE).is_file():
         return path / "transformer"
-    raise FileNotFoundError(f"{path} is not a diffusers transformer folder (no config.json, no transformer/)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such diffusers folder")
+    raise CheckpointError(f"{path} is a folder without {CONFIG_FILE} or transformer/{CONFIG_FILE}: expected a "
+                          "diffusers PixArtTransformer2DModel folder (config.json + diffusion_pytorch_model"
+                          ".safetensors) or a pipeline folder holding one in transformer/")
+
+
+def read_diffusers_config(folder):
+    """The checked config.json of a diffusers PixArt transformer folder, as a dict."""
+    path = Path(folder) / CONFIG_FILE
+    expected = "expected the config of a diffusers PixArtTransformer2DModel"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): "
+                              f"{expected}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} cannot be read ({err}): {expected}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object: {expected}")
+    name = config.get("_class_name")
+    if name is None and "model_type" in config:
+        raise CheckpointError(f"{path} is the config of a transformers {config['model_type']!r} model: {expected}")
+    if name is not None and name not in CLASS_NAMES:
+        raise CheckpointError(f"{path} describes a diffusers {name}: {expected}")
+    missing = [key for key in _REQUIRED_CONFIG_KEYS if key not in config]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}: {expected}")
+    try:
+        architecture_from_diffusers_config(config)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return config
+
+
+def _weight_files(folder):
+    """The weight files of a diffusers folder: one file, or the shards its index lists."""
+    index = folder / WEIGHTS_INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index} is not a diffusers shard index ({type(err).__name__}: {err}): expected "
+                                  "JSON with a 'weight_map' of tensor name -> shard file") from None
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: shards {missing} listed in {WEIGHTS_INDEX_FILE} are missing")
+        return [folder / name for name in shards], set(weight_map)
+    for name in (WEIGHTS_FILE, WEIGHTS_BIN_FILE):
+        if (folder / name).is_file():
+            return [folder / name], None
+    variants = sorted(p.name for p in folder.glob("diffusion_pytorch_model*.safetensors"))
+    if len(variants) == 1:  # e.g. diffusion_pytorch_model.fp16.safetensors
+        return [folder / variants[0]], None
+    found = f"; it holds {variants}: keep one" if variants else ""
+    raise CheckpointError(f"{folder} has {CONFIG_FILE} but no weights: expected {WEIGHTS_FILE} (or "
+                          f"{WEIGHTS_INDEX_FILE} with its shards){found}")
+
+
+def read_diffusers_weights(folder):
+    """The diffusers state dict of a transformer folder (all shards), read without executing code."""
+    folder = Path(folder)
+    files, listed = _weight_files(folder)
+    state_dict = {}
+    for path in files:
+        state_dict.update(read_checkpoint(path))
+    if listed is not None and listed - set(state_dict):
+        raise CheckpointError(f"{folder}: tensors listed in {WEIGHTS_INDEX_FILE} are in no shard: "
+                              f"{sorted(listed - set(state_dict))[:10]}")
+    return state_dict
+
+
+def null_caption_beside(path):
+    """The null caption of the NULL_CAPTION_FILE in folder `path` (or beside file `path`), or None."""
+    path = Path(path)
+    candidate = (path if path.is_dir() else path.parent) / NULL_CAPTION_FILE
+    return read_null_caption(candidate) if candidate.is_file() else None
 
 
 def read_null_caption(path):
     """The null caption from NULL_CAPTION_FILE, or any checkpoint holding `y_embedder.y_embedding`."""
-    from diffusion.utils.checkpoint import read_checkpoint, state_dict_of
+    from diffusion.utils.checkpoint import state_dict_of
     path = Path(path)
     if path.is_dir():
         path = path / NULL_CAPTION_FILE
@@ -238,30 +336,68 @@ def read_null_caption(path):
     return state_dict[NULL_CAPTION_KEY]
 
 
+def pixart_state_dict_of_diffusers(state_dict, source):
+    """A diffusers-named state dict read from `source` (a file or folder) in PixArt's names, with the null
+    caption kept beside it when there is one (else without: a non-strict load initialises it). No `pos_embed`:
+    models regenerate it."""
+    try:
+        return diffusers_to_pixart(state_dict, y_embedding=null_caption_beside(source))
+    except CheckpointError as err:
+        shard = " (one shard of a sharded checkpoint? give its folder)" if (
+            "lacks the key" in str(err) and Path(source).is_file()) else ""
+        raise CheckpointError(f"{source}: {err}{shard}") from None
+
+
+def read_diffusers_as_pixart(path):
+    """The PixArt state dict of a diffusers transformer (or pipeline) folder; see `pixart_state_dict_of_diffusers`."""
+    folder = find_transformer_folder(path)
+    read_diffusers_config(folder)
+    return pixart_state_dict_of_diffusers(read_diffusers_weights(folder), folder)
+
+
+def read_folder_null_caption(folder, null_caption=None):
+    """`null_caption` (a tensor, or a file for `read_null_caption`), else the folder's NULL_CAPTION_FILE; raises
+    when there is neither, since diffusers checkpoints carry none."""
+    if null_caption is None:
+        if not (Path(folder) / NULL_CAPTION_FILE).is_file():
+            raise CheckpointError(
+                f"{folder} has no {NULL_CAPTION_FILE}: diffusers checkpoints carry no null caption "
+                "(y_embedding). Give one from a PixArt checkpoint, or start a fresh random one explicitly.")
+        null_caption = folder
+    return null_caption if isinstance(null_caption, torch.Tensor) else read_null_caption(null_caption)
+
+
 def load_diffusers_transformer(path, null_caption=None):
     """Read a diffusers PixArt transformer folder -> (architecture, PixArt state dict).
 
     The null caption comes from `null_caption` (a tensor or a file for `read_null_caption`) or else from the
     folder's NULL_CAPTION_FILE; without either this raises, since it cannot be recovered from diffusers.
     """
-    from diffusers import PixArtTransformer2DModel
     folder = find_transformer_folder(path)
-    config = json.loads((folder / "config.json").read_text())
-    if null_caption is None:
-        if not (folder / NULL_CAPTION_FILE).is_file():
-            raise CheckpointError(
-                f"{folder} has no {NULL_CAPTION_FILE}: diffusers checkpoints carry no null caption "
-                "(y_embedding). Give one from a PixArt checkpoint, or start a fresh random one explicitly.")
-        null_caption = folder
-    if not isinstance(null_caption, torch.Tensor):
-        null_caption = read_null_caption(null_caption)
+    config = read_diffusers_config(folder)
+    null_caption = read_folder_null_caption(folder, null_caption)
     arch = architecture_from_diffusers_config(config, model_max_length=null_caption.shape[0])
     if null_caption.shape[1] != arch["caption_channels"]:
         raise CheckpointError(f"null caption has {null_caption.shape[1]} channels, the model "
                               f"{arch['caption_channels']}")
-    d_model = PixArtTransformer2DModel.from_pretrained(folder)
-    d_sd = d_model.state_dict()
-    arch["mlp_ratio"] = d_sd["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] / arch["hidden_size"] \
-        if arch["depth"] else 4.0
-    state_dict = diffusers_to_pixart(d_sd, null_caption, arch["input_size"], arch["lewei_scale"], arch["patch_size"])
+    d_sd = read_diffusers_weights(folder)
+    key = "transformer_blocks.0.ff.net.0.proj.weight"
+    if arch["depth"] and key in d_sd:
+        arch["mlp_ratio"] = d_sd[key].shape[0] / arch["hidden_size"]
+    try:
+        state_dict = diffusers_to_pixart(d_sd, null_caption, arch["input_size"], arch["lewei_scale"],
+                                         arch["patch_size"])
+    except CheckpointError as err:
+        raise CheckpointError(f"{folder}: {err}") from None
     return arch, state_dict
+
+
+def describe_diffusers_transformer(path):
+    """A meta-device PixArt/PixArtMS of a diffusers folder's architecture (no weights read; the null caption
+    file gives the caption length)."""
+    folder = find_transformer_folder(path)
+    config = read_diffusers_config(folder)
+    _weight_files(folder)  # a folder without its weights fails here, before anything loads
+    null_caption = read_folder_null_caption(folder)
+    with torch.device("meta"):
+        return build_pixart(architecture_from_diffusers_config(config, model_max_length=null_caption.shape[0]))

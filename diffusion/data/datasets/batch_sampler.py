@@ -54,9 +54,8 @@ class AspectRatioBatchSampler(Sampler):
             raise ValueError('cannot sample batches from an empty dataset')
         self.bucket_names, self.bucket_codes = np.unique(keys, return_inverse=True)
         counts = np.bincount(self.bucket_codes, minlength=len(self.bucket_names))
-        size = self.global_batch_size
-        per_bucket = counts // size if drop_last else -(-counts // size)
-        self.batches_per_epoch = int(per_bucket.sum()) * accumulation  # this rank's micro-batches
+        # this rank's micro-batches
+        self.batches_per_epoch = global_batch_count(counts, self.global_batch_size, drop_last) * accumulation
         if self.batches_per_epoch == 0:
             raise ValueError(f'{keys.size} records in buckets of sizes {sorted(counts.tolist(), reverse=True)[:10]} '
                              f'give no global batch of {batch_size} x {self.num_replicas} rank(s) x '
@@ -113,6 +112,23 @@ class DistributedBatchSampler(AspectRatioBatchSampler):
 
     def __init__(self, num_samples, batch_size, **kwargs):
         super().__init__(np.zeros(num_samples, dtype=np.int64), batch_size, **kwargs)
+
+
+def bucket_sizes(dataset):
+    """The number of records in each bucket of `dataset` (one bucket unless it has `bucket_keys`), largest first."""
+    keys = getattr(dataset, 'bucket_keys', None)
+    if keys is None:
+        return [len(dataset)] if len(dataset) else []
+    _, counts = np.unique(np.asarray(list(keys)), return_counts=True)
+    return sorted(counts.tolist(), reverse=True)
+
+
+def global_batch_count(bucket_sizes, global_batch_size, drop_last=True):
+    """Global batches (optimizer steps) in an epoch of buckets of these sizes: `drop_last` drops each bucket's
+    incomplete last batch, otherwise it is completed."""
+    counts = np.asarray(bucket_sizes, dtype=np.int64)
+    per_bucket = counts // global_batch_size if drop_last else -(-counts // global_batch_size)
+    return int(per_bucket.sum())
 
 
 def build_batch_sampler(dataset, batch_size, **kwargs):
