@@ -138,7 +138,8 @@ def load_transformer(model_path, config=None, image_size=None, use_ema=True):
     else:
         model = _model_for_file(path, config, image_size)
         checkpoint = read_checkpoint(path)  # read once: released XL files are 2.4 GB
-        if checkpoint.get("flavour", {}).get("name") == "lora":
+        from diffusion.train.lora import holds_adapter
+        if holds_adapter(checkpoint):
             raise CheckpointError(f"{path} is a LoRA training checkpoint: it holds an adapter, not a model; give the "
                                   "base model as the model path and this checkpoint as a LoRA adapter (--lora)")
         state_dict = state_dict_of(checkpoint, path, use_ema=use_ema and "state_dict_ema" in checkpoint)

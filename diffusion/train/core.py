@@ -141,7 +141,8 @@ def seed_process(seed, rank):
 
 def train(cfg, options, flavour=None):
     """Run (or resume) a training run described by a loaded config; returns a TrainResult. `flavour` defaults to
-    the config's (`flavour_from_config`: LoRA when `lora` is set, else full training)."""
+    the config's (`flavour_from_config`: DreamBooth when `dreambooth` is set, LoRA when `lora` is, else full
+    training)."""
     flavour = flavour or flavour_from_config(cfg)
     work_dir = Path(options.work_dir)
     cfg = cfg.with_overrides({"work_dir": str(work_dir)})
@@ -165,8 +166,8 @@ def train(cfg, options, flavour=None):
              f"work dir {work_dir}")
 
     # ------------------------------------------------------------ build
-    data = flavour.build_data(cfg, rank=rank, world_size=world,
-                              num_workers=0 if options.debug else cfg.num_workers, device=accelerator.device)
+    data = flavour.build_data(cfg, rank=rank, world_size=world, num_workers=0 if options.debug else cfg.num_workers,
+                              device=accelerator.device, load_from=options.load_from)
     model = flavour.build_model(cfg)
     check_batch_fits_model(data.dataset, model, cfg)
     if options.load_from:

@@ -19,8 +19,9 @@ class TrainData:
     visualizer: object = None
 
 
-def build_train_data(cfg, rank, world_size, num_workers, device):
-    dataset = build_dataset_from_config(cfg)
+def build_train_data(cfg, rank, world_size, num_workers, device, dataset=None):
+    """The `TrainData` of `dataset` (a flavour's own, e.g. DreamBooth's), else of the config's `data`."""
+    dataset = build_dataset_from_config(cfg) if dataset is None else dataset
     check_dataset_fills_a_step(dataset, cfg, world_size)
     batch_sampler = build_batch_sampler(dataset, cfg.train_batch_size, num_replicas=world_size, rank=rank,
                                         shuffle=True, seed=cfg.seed, drop_last=True,

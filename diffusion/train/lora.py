@@ -70,13 +70,18 @@ def _describe(spec):
     return f"{len(spec.modules)} modules, rank {ranks[0] if len(ranks) == 1 else ranks}, dora {spec.use_dora}"
 
 
+def holds_adapter(checkpoint):
+    """Whether a training checkpoint holds a LoRA adapter rather than a model (LoRA and DreamBooth-LoRA runs)."""
+    return "adapter" in checkpoint.get("flavour", {}).get("state", {})
+
+
 def adapter_from_checkpoint(path, use_ema=True):
-    """(weights, spec) in our module names of the adapter a LoRA training checkpoint holds: its EMA weights, or
-    the live ones with use_ema=False."""
+    """(weights, spec) in our module names of the adapter a LoRA training checkpoint holds (LoRA or DreamBooth-LoRA
+    runs): its EMA weights, or the live ones with use_ema=False."""
     from diffusion.utils.checkpoint import read_checkpoint
     obj = read_checkpoint(path)
     flavour = obj.get("flavour", {})
-    if flavour.get("name") != LoRAFlavour.name:
+    if not holds_adapter(obj):
         raise CheckpointError(f"{path} is not a LoRA training checkpoint (it was written by the "
                               f"{flavour.get('name', 'full')!r} flavour); give a LoRA run's checkpoint or a peft "
                               "adapter folder")
