@@ -70,9 +70,12 @@ def _describe(spec):
     return f"{len(spec.modules)} modules, rank {ranks[0] if len(ranks) == 1 else ranks}, dora {spec.use_dora}"
 
 
+ADAPTER_FLAVOURS = ("lora", "dreambooth-lora")  # the flavours whose checkpoints hold an adapter, not a model
+
+
 def holds_adapter(checkpoint):
     """Whether a training checkpoint holds a LoRA adapter rather than a model (LoRA and DreamBooth-LoRA runs)."""
-    return "adapter" in checkpoint.get("flavour", {}).get("state", {})
+    return checkpoint.get("flavour", {}).get("name") in ADAPTER_FLAVOURS
 
 
 def adapter_from_checkpoint(path, use_ema=True):
