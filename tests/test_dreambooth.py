@@ -85,14 +85,14 @@ def db_run(config, work_dir, overrides=None, **options):
 
 
 def prior(**changes):
-    return {"dreambooth.with_prior_preservation": True, **{f"dreambooth.{k}": v for k, v in {**PRIOR, **changes}.items()}}
+    return {f"dreambooth.{k}": v for k, v in {**PRIOR, **changes}.items()}
 
 
 # ---------------------------------------------------------------- data and loss
 
-def test_prior_preservation_generates_class_images_once_and_pairs_them_with_instances(config, tmp_path):
-    data = prepare(config, {**prior(), **own_cache(tmp_path)})
-    generated = sorted((tmp_path / "cache" / "class_images").rglob("*.png"))
+def test_prior_preservation_generates_class_images_once_and_pairs_them_with_instances(config, shared_cache):
+    data = prepare(config, prior())
+    generated = sorted((shared_cache / "class_images").rglob("*.png"))
     assert [p.name for p in generated] == [f"generated_{j:05d}.png" for j in range(4)]
     assert len(data) == 4  # max(3 instance, 4 class images)
     x, caption, mask, info = data[3]
@@ -101,7 +101,7 @@ def test_prior_preservation_generates_class_images_once_and_pairs_them_with_inst
     assert caption.shape == (1, 48, 32) and not torch.equal(caption, info["class_caption"])  # two prompts
     assert info["class_index"] == 4 + 3
     before = [p.stat().st_mtime_ns for p in generated]
-    prepare(config, {**prior(), **own_cache(tmp_path)})
+    prepare(config, prior())
     assert [p.stat().st_mtime_ns for p in generated] == before  # cached: not made again
 
 
@@ -151,21 +151,21 @@ def test_a_changed_prompt_is_encoded_again(config, tmp_path):
 
 # ---------------------------------------------------------------- training
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_any_batch_size_trains_with_prior_preservation(config, tmp_path, batch):
-    result = db_run(config, tmp_path / "run", {**prior(), "train_batch_size": batch, "max_steps": 2})
+def test_any_batch_size_trains_with_prior_preservation(config, tmp_path):
+    """Batch 3 of 4 items, each an instance and a class image with their own prompts (the resume test: batch 2)."""
+    result = db_run(config, tmp_path / "run", {**prior(), "train_batch_size": 3, "max_steps": 2})
     state = final_state(result)
     assert state["flavour"]["name"] == "dreambooth" and result.global_step == 2
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
 
 
 def test_dreambooth_resume_matches_an_uninterrupted_run(config, tmp_path):
-    """4 items / batch 2 = 2 steps an epoch: stop in the middle of the second epoch."""
-    overrides = {**prior(), "max_steps": 5}
+    """4 items / batch 2 = 2 steps an epoch: stop in the middle of the first epoch, resume into the second."""
+    overrides = {**prior(), "max_steps": 3}
     straight = db_run(config, tmp_path / "straight", overrides)
-    db_run(config, tmp_path / "resumed", {**overrides, "max_steps": 3})
+    db_run(config, tmp_path / "resumed", {**overrides, "max_steps": 1})
     resumed = db_run(config, tmp_path / "resumed", overrides, resume_from="auto")
-    assert resumed.global_step == 5
+    assert resumed.global_step == 3
     assert_states_equal(final_state(straight), final_state(resumed))  # bitwise on the CPU
 
 
@@ -183,6 +183,9 @@ def test_with_lora_only_the_adapter_trains_and_the_base_is_untouched(config, tmp
     assert fingerprint(base_state_dict(kept["model"])) == base
     weights, spec = adapter_from_checkpoint(result.last_checkpoint)  # what inference's --lora reads
     assert weights and all("lora_" in k for k in weights) and spec.modules
+    resumed = db_run(config, tmp_path / "run", {**prior(), "lora": {"rank": 4, "alpha": 4}, "max_steps": 3},
+                     resume_from="auto")  # LoRA's checks of the adapter and the base hold for DreamBooth-LoRA
+    assert resumed.global_step == 3 and final_state(resumed)["flavour"]["name"] == "dreambooth-lora"
 
 
 def test_multi_scale_models_train_on_the_buckets_of_their_images(tmp_path, config, base_config_path):
@@ -236,8 +239,8 @@ def test_an_unreadable_instance_image_is_named(config, tmp_path):
     ({"dreambooth.instance_prompt": ""}, "'dreambooth.instance_prompt' is ''; expected a non-empty prompt"),
     ({"dreambooth.with_prior_preservation": True}, "'dreambooth.class_prompt' is None; expected the prompt of the "
                                                    "class images"),
-    ({"dreambooth.num_class_image": 3}, "unknown config key 'dreambooth.num_class_image' from --cfg-options; did you mean "
-                                        "'dreambooth.num_class_images'?"),
+    ({"dreambooth.num_class_image": 3},
+     "unknown config key 'dreambooth.num_class_image' from --cfg-options; did you mean 'dreambooth.num_class_images'?"),
     ({"dreambooth.prior_loss_weight": -1.0}, "'dreambooth.prior_loss_weight' is -1.0; expected a number >= 0"),
     ({"dreambooth.class_sampler": "dpm"}, "'dreambooth.class_sampler' is 'dpm'; expected one of 'dpm-solver'"),
 ])
