@@ -65,6 +65,28 @@ mixed_precision = 'fp16'  # accelerate mixed precision: 'no', 'fp16' or 'bf16'
 ema_rate = 0.9999  # exponential moving average decay of the EMA weights
 seed = 43  # base random seed (offset per rank)
 
+# ---------------------------------------------------------------- LoRA fine-tuning (diffusion/train/lora.py)
+# lora = dict(rank=16, alpha=None, dropout=0.0, target_modules=None, use_dora=False, use_rslora=False) trains one
+# peft LoRA adapter on the --load-from weights, which stay frozen; a key left out takes the value shown. The update
+# is scaled by alpha / rank (alpha / sqrt(rank) with use_rslora; alpha None = rank); use_dora: DoRA. target_modules:
+# None = ['self_attention', 'cross_attention', 'mlp'] (attn.qkv, attn.proj, cross_attn.q_linear/kv_linear/proj,
+# mlp.fc1/fc2 of every block); also 't_block' (adaLN-single), 'caption_projection', or module names ('t_block.1').
+lora = None  # LoRA adapter settings (dict, see above); None = train every weight
+
+# ---------------------------------------------------------------- DreamBooth (diffusion/train/dreambooth.py)
+# dreambooth = dict(instance_data_dir='dog6', instance_prompt='a photo of sks dog') fine-tunes the --load-from weights
+# (every weight, or a LoRA adapter when `lora` is set too) on a folder of instance images (relative to data_root
+# unless absolute) under one prompt. Prior preservation (with_prior_preservation=True, class_prompt='a photo of
+# dog') adds num_class_images images of the class, generated once by the base model with class_sampler /
+# class_sampling_steps / class_cfg_scale, sample_batch_size at a time, into class_data_dir (images already there are
+# used; None: a folder of the cache keyed by prompt, weights and sampler); each batch pairs instance and class
+# images and the loss is instance loss + prior_loss_weight x class loss. VAE and T5 features are computed at start-up
+# and cached in cache_dir (None: work_dir/dreambooth_cache), keyed by image bytes, size, prompt and encoder.
+# Keys left out: with_prior_preservation=False, class_prompt=None, class_data_dir=None, num_class_images=100,
+# prior_loss_weight=1.0, sample_batch_size=4, class_sampler='dpm-solver', class_sampling_steps=20,
+# class_cfg_scale=4.5, cache_dir=None.
+dreambooth = dict()  # DreamBooth settings (see above); empty or None = train on `data`
+
 # ---------------------------------------------------------------- pretrained parts
 vae_pretrained = '/cache/pretrained_models/sd-vae-ft-ema'  # diffusers AutoencoderKL folder
 scale_factor = 0.18215  # VAE latent scale factor
@@ -96,7 +118,7 @@ s3_work_dir = None  # inert, read by nothing (INERT_KEYS): remote copy of work_d
 # ---------------------------------------------------------------- schema of the dicts
 # Keys that may be None, which switches them off (a child's `auto_lr = dict()` would merge into the base's dict,
 # not clear it); every other key with a non-None default must keep its type.
-_may_be_none_ = ['auto_lr', 'gradient_clip']
+_may_be_none_ = ['auto_lr', 'gradient_clip', 'dreambooth']
 # The keys each dict may hold: exactly what the code reads. Where they depend on a choice, `per` names it (the
 # dict's own `type`, or a top-level key) and each choice lists its keys; the choices listed are the only ones
 # accepted. A dict not listed here (resume_from) may hold the keys of its default above.
@@ -118,4 +140,7 @@ _dict_keys_ = dict(
     model_kwargs=dict(per='model', PixArt=_net_arguments, PixArtMS=_net_arguments, PixArt_XL_2=_net_arguments,
                       PixArtMS_XL_2=_net_arguments),
     auto_lr=['rule', 'base_batch_size'],
+    dreambooth=['instance_data_dir', 'instance_prompt', 'with_prior_preservation', 'class_prompt', 'class_data_dir',
+                'num_class_images', 'prior_loss_weight', 'sample_batch_size', 'class_sampler', 'class_sampling_steps',
+                'class_cfg_scale', 'cache_dir'],
 )

@@ -3,7 +3,9 @@ or negative prompt over the model's token limit is refused, as scripts/inference
 adds a control image, its condition (Canny, HED with an annotator network, or an edge map) and the conditioning
 scale; the edge map used is shown beside the images."""
 import random
+import threading
 import warnings
+from pathlib import Path
 
 import gradio as gr
 import torch
@@ -19,6 +21,8 @@ CONDITION_CHOICES = {"Canny": "canny", "HED": "hed", "Edge map": "image"}  # "HE
 MAX_CONDITIONING_SCALE = 2.0
 MAX_IMAGES = 4
 MAX_SEED = 2**31 - 1
+NO_ADAPTER = "(none)"
+LORA_SCALE_RANGE = (0.0, 2.0)
 STYLES = {  # (template, negative prompt): "{prompt}" is replaced by the user's prompt
     "(no style)": ("{prompt}", ""),
     "Photographic": ("photograph of {prompt}, 35mm, highly detailed, sharp focus", "drawing, painting, blurry"),
@@ -37,6 +41,17 @@ def size_choices(image_size, multi_scale):
     return [f"{int(h)} x {int(w)}" for h, w in sorted(table.values(), key=lambda hw: hw[0] / hw[1])]
 
 
+def adapter_choices(adapters):
+    """Picker label -> adapter name for a pipeline's adapters (name -> path): the path's last part, made unique."""
+    labels = {NO_ADAPTER: None}
+    for name, path in adapters.items():
+        label = Path(path).name
+        while label in labels:
+            label = f"{label} ({name})"
+        labels[label] = name
+    return labels
+
+
 def apply_style(style, prompt, negative):
     template, style_negative = STYLES[style]
     return template.replace("{prompt}", prompt), ", ".join(p for p in (negative, style_negative) if p)
@@ -51,16 +66,19 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
     """A gr.Blocks app sampling with `sampler` (a diffusion.pipeline.Pipeline) and `text_encoder` (T5Embedder).
     examples: prompts offered as clickable examples; note: markdown shown under the title (e.g. the only vocabulary a
     toy model knows); default_sampler: a SAMPLER_CHOICES label; hed: a loaded HED network (diffusion.model.hed), which
-    adds the HED condition for a ControlNet model."""
+    adds the HED condition for a ControlNet model. The pipeline's unmerged LoRA adapters (`sampler.adapters`)
+    get a picker (the first is preselected) and a scale slider."""
     if default_sampler not in SAMPLER_CHOICES:
         raise ValueError(f"default_sampler must be one of {list(SAMPLER_CHOICES)}, got {default_sampler!r}")
     sizes = size_choices(sampler.image_size, sampler.multi_scale)
     default_size = f"{sampler.image_size} x {sampler.image_size}"
+    adapters = adapter_choices(sampler.adapters)
+    switching = threading.Lock()  # the active adapter is model state: one request sets it and samples at a time
     controlnet = isinstance(getattr(sampler, "model", None), ControlPixArtHalf)
     conditions = [label for label in CONDITION_CHOICES if label != "HED" or hed is not None]
 
     def generate(prompt, negative, style, sampler_label, steps, guidance, seed, randomize, size, count,
-                 control_image=None, condition="Canny", conditioning_scale=1.0, progress=gr.Progress()):
+                 adapter_label=NO_ADAPTER, lora_scale=1.0, control_image=None, condition="Canny", conditioning_scale=1.0, progress=gr.Progress()):
         try:
             prompt = (prompt or "").strip()
             if not prompt:
@@ -77,6 +95,10 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
                 raise PromptError(f"Number of images must be between 1 and {MAX_IMAGES}.")
             if size not in sizes:
                 raise PromptError(f"Size {size!r} is not one of this model's sizes.")
+            if adapter_label not in adapters:
+                raise PromptError(f"Unknown LoRA adapter {adapter_label!r}.")
+            if not LORA_SCALE_RANGE[0] <= float(lora_scale) <= LORA_SCALE_RANGE[1]:
+                raise PromptError(f"LoRA scale must be between {LORA_SCALE_RANGE[0]:g} and {LORA_SCALE_RANGE[1]:g}.")
             seed = random.randint(0, MAX_SEED) if randomize else int(seed)
             if not 0 <= seed <= MAX_SEED:
                 raise PromptError(f"Seed must be between 0 and {MAX_SEED}.")
@@ -113,11 +135,16 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
             neg = (neg_features.to(sampler.device, sampler.dtype), neg_mask.to(sampler.device))
         total = int(steps)
         progress((0, total), desc="sampling", unit="steps")
-        images = sampler.sample(features, mask, height, width, [seed + i for i in range(count)], algo, total,
-                                float(guidance), negative=neg, extra_inputs=extra,
-                                progress=lambda step, n: progress((step, n), desc="sampling", unit="steps"))
+        adapter = adapters[adapter_label]
+        with switching:
+            if sampler.adapters:
+                sampler.use_adapters({adapter: float(lora_scale)} if adapter else {})
+            images = sampler.sample(features, mask, height, width, [seed + i for i in range(count)], algo, total,
+                                    float(guidance), negative=neg, extra_inputs=extra,
+                                    progress=lambda step, n: progress((step, n), desc="sampling", unit="steps"))
         pictures = [_to_pil(image) for image in images]
-        status = f"Generated {count} image(s) of {height} x {width} with seed {seed}."
+        used = f" with LoRA {adapter_label} x {float(lora_scale):g}" if adapter else ""
+        status = f"Generated {count} image(s) of {height} x {width} with seed {seed}{used}."
         if not controlnet:
             return pictures, seed, status
         controlled = (f" controlled by {condition} edges at scale {float(conditioning_scale):g}" if extra
@@ -144,6 +171,10 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
                 size = gr.Dropdown(sizes, value=default_size if default_size in sizes else sizes[0],
                                    label="Height x width")
                 count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
+                adapter = gr.Dropdown(list(adapters), value=list(adapters)[min(1, len(adapters) - 1)],
+                                      label="LoRA adapter", elem_id="adapter", visible=len(adapters) > 1)
+                lora_scale = gr.Slider(*LORA_SCALE_RANGE, value=1.0, step=0.05, label="LoRA scale",
+                                       elem_id="lora-scale", visible=len(adapters) > 1)
                 control_inputs = []
                 if controlnet:
                     with gr.Group():
@@ -164,7 +195,7 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
         sampler_label.change(lambda label: gr.update(value=DEFAULT_STEPS[SAMPLER_CHOICES[label]]),
                              sampler_label, steps)
         run.click(generate, [prompt, negative, style, sampler_label, steps, guidance, seed, randomize, size, count,
-                             *control_inputs], [gallery, seed, status, *control_outputs])
+                             adapter, lora_scale, *control_inputs], [gallery, seed, status, *control_outputs])
     return demo
 
 

@@ -9,6 +9,7 @@ validation grids, so every entry point samples the same way:
 - a prompt (or negative prompt) longer than the model's caption length is refused, never cut silently
   (`check_prompt_length`, with the tokenizer alone, before any model loads).
 """
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,10 @@ def load_transformer(model_path, config=None, image_size=None, use_ema=True):
     else:
         model = _model_for_file(path, config, image_size)
         checkpoint = read_checkpoint(path)  # read once: released XL files are 2.4 GB
+        from diffusion.train.lora import holds_adapter
+        if holds_adapter(checkpoint):
+            raise CheckpointError(f"{path} is a LoRA training checkpoint: it holds an adapter, not a model; give the "
+                                  "base model as the model path and this checkpoint as a LoRA adapter (--lora)")
         state_dict = state_dict_of(checkpoint, path, use_ema=use_ema and "state_dict_ema" in checkpoint)
         copies = controlnet_copy_count(state_dict)
         if copies:
@@ -156,12 +161,52 @@ def load_transformer(model_path, config=None, image_size=None, use_ema=True):
     return model.eval().requires_grad_(False)
 
 
+def pair_lora_scales(paths, scales):
+    """(path, scale) per adapter path (--lora / --lora_scale): one scale per path in the same order, or none (1)."""
+    if scales and len(scales) != len(paths):
+        raise ValueError(f"{len(scales)} --lora_scale for {len(paths)} --lora: give one scale per adapter, in the "
+                         "same order, or none (scale 1)")
+    return list(zip(paths, scales or [1.0] * len(paths)))
+
+
+def load_loras(model, loras, merge=False):
+    """Add LoRA adapters to a transformer and return {adapter name: path}. `loras`: (path, scale) pairs, a path
+    being a peft adapter folder (diffusers' module names: ours, PixArt-LCM-LoRA, ...) or a LoRA training checkpoint
+    (its EMA adapter). All act together, each at its scale; `merge` folds them into the weights (as fast as no
+    adapter; they can then no longer be switched, and {} is returned)."""
+    from diffusion.model.lora import add_adapter, merge_adapters, use_adapters
+    from diffusion.train.lora import adapter_from_checkpoint
+    from diffusion.utils.lora_interop import load_adapter
+    names, scales = {}, {}
+    for path, scale in loras:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"LoRA adapter {path}: no such folder or checkpoint")
+        if not math.isfinite(scale):
+            raise ValueError(f"LoRA scale of {path} is {scale}; expected a finite number")
+        name = f"lora{len(names)}"  # peft names adapters by module-dict keys: no dots, so not the path
+        if path.is_dir():
+            load_adapter(model, path, name)
+        else:
+            weights, spec = adapter_from_checkpoint(path)
+            add_adapter(model, spec, name, weights, source=str(path))
+        names[name], scales[name] = str(path), float(scale)
+    if names:
+        use_adapters(model, scales)
+        if merge:
+            merge_adapters(model)
+            return {}
+    return names
+
+
 class Pipeline:
-    """Text to image with a loaded transformer, VAE and (until freed) T5 encoder: `sample(features, ...)`."""
+    """Text to image with a loaded transformer, VAE and (until freed) T5 encoder: `sample(features, ...)`.
+    `adapters`: name -> path of the LoRA adapters the transformer holds unmerged (`use_adapters` switches them)."""
 
     def __init__(self, model, vae, text_encoder=None, scale_factor=SD_VAE_SCALE_FACTOR, device="cpu",
-                 dtype=torch.float32):
+                 dtype=torch.float32, adapters=None):
         self.model = model.to(device=device, dtype=dtype)
+        self.adapters = dict(adapters or {})
         self.vae = vae.to(device).eval()
         self.text_encoder = text_encoder
         self.scale_factor = scale_factor
@@ -184,6 +229,11 @@ class Pipeline:
             raise ValueError("this Pipeline has no text encoder (it was freed); pass caption features instead")
         features, mask = self.text_encoder.get_text_embeddings(list(prompts))
         return features.to(self.device, self.dtype), mask.to(self.device)
+
+    def use_adapters(self, scales):
+        """Sample with exactly the adapters in `scales` (name -> scale; {} for the plain model) from now on."""
+        from diffusion.model.lora import use_adapters
+        use_adapters(self.model, scales)
 
     def free_text_encoder(self):
         """Drop T5 (4.3B parameters for XL) once every prompt is encoded, before sampling."""
@@ -307,7 +357,7 @@ def load_vae(path, device="cpu", dtype=None):
 
 
 def load_pipeline(model_path, config=None, image_size=None, t5_path=None, vae_path=None, device="cpu",
-                  dtype=torch.float32, t5_device=None, use_ema=True):
+                  dtype=torch.float32, t5_device=None, use_ema=True, loras=(), merge_loras=False):
     """A Pipeline holding all a prompt needs: the transformer at `model_path` (read as `load_transformer` reads
     it, described by the folder, `config` or a released `image_size`), its VAE and its T5 encoder as
     `pipe.text_encoder` (`pipe.free_text_encoder()` drops T5 once the prompts are encoded).
@@ -316,8 +366,10 @@ def load_pipeline(model_path, config=None, image_size=None, t5_path=None, vae_pa
     else the released layout's (RELEASED_T5_DIR, RELEASED_VAE_DIR); a T5 path may be the folder holding
     t5-v1_1-xxl/. The latent scale factor is the config's `scale_factor`, else sd-vae-ft-ema's. T5 reads as many
     tokens as the transformer's null caption has, on `t5_device` (default `device`; 'cpu' leaves the GPU to the
-    transformer). The transformer runs in `dtype` on `device`."""
+    transformer). The transformer runs in `dtype` on `device`. `loras`, `merge_loras`: LoRA adapters added in fp32
+    before the transformer moves (`load_loras`)."""
     model = load_transformer(model_path, config=config, image_size=image_size, use_ema=use_ema)
+    adapters = load_loras(model, loras, merge=merge_loras)
     t5_dir = t5_folder(t5_path, config)
     vae_dir = vae_path or (config.vae_pretrained if config is not None else RELEASED_VAE_DIR)
     text_encoder = T5Embedder(t5_dir, device=t5_device or device, model_max_length=model.model_max_length)
@@ -326,9 +378,9 @@ def load_pipeline(model_path, config=None, image_size=None, t5_path=None, vae_pa
                          f"{model_path} reads caption_channels={model.caption_channels}")
     scale_factor = config.scale_factor if config is not None else SD_VAE_SCALE_FACTOR
     return Pipeline(model, load_vae(vae_dir, device), text_encoder=text_encoder, scale_factor=scale_factor,
-                   device=device, dtype=dtype)
+                    device=device, dtype=dtype, adapters=adapters)
 
 
 __all__ = ["SAMPLERS", "DEFAULT_STEPS", "MIN_STEPS", "PromptError", "PromptJob", "parse_prompt", "resolve_t5_dir",
-           "describe_transformer", "load_transformer", "Pipeline", "check_steps", "check_prompt_length", "t5_folder",
-           "load_tokenizer", "load_vae", "load_pipeline", "CheckpointError"]
+           "describe_transformer", "load_transformer", "pair_lora_scales", "load_loras", "Pipeline", "check_steps",
+           "check_prompt_length", "t5_folder", "load_tokenizer", "load_vae", "load_pipeline", "CheckpointError"]

@@ -6,6 +6,7 @@
       --model_path output/toy/checkpoints/epoch_10_step_2000.pth --prompt "a red circle on a blue background"
 
 A prompt may end in `--ar h:w` / `--aspect_ratio h:w` (nearest bucket of a multi-scale model) or `--hw H:W`.
+With `--lora PATH [--lora_scale S]` (repeatable) LoRA adapters act on the model; `--lora_merge` folds them in.
 Prompt i is sampled from seed + i, so an image does not depend on the batch size. Every prompt (its size flag,
 its token count against the model's caption length) and every option is checked before any weights load. T5
 encodes every prompt first and is freed before sampling (`--t5_device cpu` keeps it off the GPU altogether).
@@ -41,6 +42,7 @@ from diffusion.pipeline import (
     check_steps,
     describe_transformer,
     load_pipeline,
+    pair_lora_scales,
     load_tokenizer,
     parse_prompt,
 )
@@ -98,6 +100,14 @@ def parse_args(argv=None):
                         help="the ControlNet annotators' ControlNetHED.pth, for --condition hed")
     parser.add_argument("--conditioning_scale", type=finite_float,
                         help="scale of the control residuals (default 1, the released behaviour; 0 = no control)")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH",
+                        help="LoRA adapter: a peft folder in diffusers' module names (tools/export_lora.py's, "
+                             "PixArt-LCM-LoRA, ...) or a LoRA training checkpoint; repeatable, all act together")
+    parser.add_argument("--lora_scale", action="append", type=finite_float, default=[], metavar="S",
+                        help="scale of an adapter's update (default 1): none, or one per --lora in the same order")
+    parser.add_argument("--lora_merge", action="store_true",
+                        help="fold the adapters into the weights before sampling: as fast as no adapter, the same "
+                             "images up to float rounding")
     return parser.parse_args(argv)
 
 
@@ -176,6 +186,7 @@ def run(args):
     except ValueError as err:
         raise ValueError(f"--step {steps}: {err}") from None
     prompts = read_prompts(args)
+    loras = pair_lora_scales(args.lora, args.lora_scale)
     cfg = load_config(args.config, args.cfg_options) if args.config else None
     if cfg is None and args.image_size is None and not Path(args.model_path).is_dir():
         raise ValueError("give --image_size (released models) or --config to describe the model")
@@ -193,7 +204,8 @@ def run(args):
     # device: the two never share the GPU.
     pipe = load_pipeline(args.model_path, config=cfg, image_size=args.image_size, t5_path=args.t5_path,
                          vae_path=args.vae_path, device="cpu", dtype=DTYPES[args.dtype],
-                         t5_device=args.t5_device or args.device, use_ema=not args.no_ema)
+                         t5_device=args.t5_device or args.device, use_ema=not args.no_ema, loras=loras,
+                         merge_loras=args.lora_merge)
     encoded = [pipe.text_encoder.get_text_embeddings([job.prompt]) for job in jobs]
     negative = pipe.text_encoder.get_text_embeddings([args.negative_prompt]) if args.negative_prompt else None
     pipe.free_text_encoder()
@@ -230,6 +242,7 @@ def run(args):
                 "file": path.name, "prompt": job.prompt, "seed": job.seed, "sampler": args.sampling_algo,
                 "steps": steps, "cfg_scale": args.cfg_scale, "height": job.height, "width": job.width,
                 "negative_prompt": args.negative_prompt, "checkpoint": str(args.model_path),
+                "loras": [{"path": str(p), "scale": w} for p, w in loras], "lora_merge": args.lora_merge,
                 **({} if control_image is None else {"control_image": str(args.control_image),
                                                     "condition": args.condition,
                                                     "conditioning_scale": conditioning_scale})})

@@ -3,6 +3,7 @@
   python scripts/quickstart.py          # trains the toy model once
   python scripts/interface.py           # then open http://127.0.0.1:7860
 
+  python scripts/interface.py --lora output/my_lora/adapter --lora output/other_lora/adapter   # + a LoRA picker
   python scripts/interface.py --image_size 1024 --model_path output/pretrained_models/PixArt-XL-2-1024-MS.pth \\
       --t5_path output/pretrained_models/t5_ckpts --vae_path output/pretrained_models/sd-vae-ft-ema
   python scripts/interface.py --image_size 1024 --model_path output/pretrained_models/PixArt-XL-2-1024-ControlNet.pth \\
@@ -42,6 +43,9 @@ def parse_args(argv=None):
                                           f"t5_pretrained, else {RELEASED_T5_DIR}")
     parser.add_argument("--vae_path", "--tokenizer_path", dest="vae_path",
                         help=f"VAE folder (default: the config's vae_pretrained, else {RELEASED_VAE_DIR})")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH",
+                        help="LoRA adapter the demo offers in its picker: a peft folder or a LoRA training checkpoint "
+                             "(repeatable)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
@@ -76,7 +80,7 @@ def build(args):
         raise ValueError("give --model_path")
     pipe = load_pipeline(model_path, config=cfg, image_size=args.image_size, t5_path=args.t5_path,
                          vae_path=args.vae_path, device=args.device, dtype=DTYPES[args.dtype],
-                         t5_device=args.t5_device)
+                         t5_device=args.t5_device, loras=[(path, 1.0) for path in args.lora])
     options = toy_demo_options(cfg)
     if args.hed_checkpoint:
         from diffusion.model.hed import load_hed

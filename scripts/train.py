@@ -22,6 +22,7 @@ import argparse
 
 from diffusion.data.errors import DataError
 from diffusion.train.core import TrainingError, TrainOptions, train
+from diffusion.train.flavour import flavour_from_config
 from diffusion.train.workdir import RUNS_DIR, WorkDirError
 from diffusion.utils.checkpoint import CheckpointError
 from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
@@ -70,7 +71,7 @@ def main(argv=None):
                                resume_from=args.resume_from or cfg.resume_from.get("checkpoint"),
                                load_from=args.load_from or cfg.load_from, report_to=args.report_to,
                                debug=args.debug, allow_used_work_dir=args.allow_used_work_dir)
-        result = train(cfg, options)
+        result = train(cfg, options, flavour_from_config(cfg))  # DreamBooth / LoRA when the config sets them
     except Exception as err:
         if not isinstance(err, EXPECTED_ERRORS) and not getattr(err, "__notes__", None):
             raise  # a failure before training started that no check names: the traceback is the report

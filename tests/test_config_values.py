@@ -226,9 +226,16 @@ def test_every_base_key_was_given_a_check(schema):
     """Each key of the base config has a range rule, is inert, is a dict whose keys are checked, selects such
     keys, is checked in combination, or is one whose type says all (a flag, a path or a name)."""
     selectors = {schema.choices(k)[0] for k in schema.dict_keys} - {None}
-    combined = {'image_size', 'multi_scale', 'snr_loss', 'pred_sigma', 'learn_sigma'}
+    combined = {'image_size', 'multi_scale', 'snr_loss', 'pred_sigma', 'learn_sigma', 'lora'}  # lora: LoraSettings
     typed_only = {'data_root', 'use_fsdp', 'fp32_attention', 'compile', 'grad_checkpointing', 'sample_posterior',
                   'vae_pretrained', 't5_pretrained'}
     dicts = {k for k, t in schema.types.items() if t is dict}
     covered = set(VALUE_RULES) | set(INERT_KEYS) | selectors | combined | typed_only | dicts
     assert set(schema.types) - covered == set()
+
+
+def test_a_lora_typo_fails_at_load_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"lora\.rnak.*did you mean 'rank'"):
+        load_config(TOY, {'lora': {'rnak': 4}})
+    with pytest.raises(ConfigError, match=r"lora\.dropout.*1\.5"):
+        load_config(TOY, {'lora': {'rank': 4, 'dropout': 1.5}})

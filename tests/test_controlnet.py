@@ -480,10 +480,10 @@ def test_the_demo_of_a_controlnet_takes_a_control_image_and_shows_the_condition(
     generate = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "generate")
     args = ("a small red circle on a gray background", "", "(no style)", "DPM-Solver", 5, 4.5, 0, False, "64 x 64", 1)
     quiet = lambda *a, **k: None  # noqa: E731  (gradio's progress outside a request)
-    pictures, _, status, preview = generate(*args, square_photo(96), "Canny", 1.0, progress=quiet)
+    pictures, _, status, preview = generate(*args, "(none)", 1.0, square_photo(96), "Canny", 1.0, progress=quiet)
     assert "controlled by Canny edges at scale 1" in status and "resized" in status
     assert preview.size == (64, 64) and pictures[0].size == (64, 64)
-    unscaled, _, _, _ = generate(*args, square_photo(96), "Canny", 0.0, progress=quiet)
+    unscaled, _, _, _ = generate(*args, "(none)", 1.0, square_photo(96), "Canny", 0.0, progress=quiet)
     assert (np.asarray(pictures[0]) != np.asarray(unscaled[0])).any()
     with pytest.raises(gr.Error, match="Unknown condition 'HED'"):
-        generate(*args, square_photo(), "HED", 1.0, progress=quiet)
+        generate(*args, "(none)", 1.0, square_photo(), "HED", 1.0, progress=quiet)

@@ -88,7 +88,9 @@ def test_a_toy_model_offers_clickable_examples_and_names_its_vocabulary(page, ti
     assert "knows one small grammar" in note.inner_text(timeout=30_000)
     assert f"{held_out[0][0]} {held_out[0][1]}" in note.inner_text()
     page.get_by_text(prompts[-1]).first.click()  # an unseen-pair example
-    assert page.locator("#prompt textarea").input_value(timeout=30_000) == prompts[-1]
+    from playwright.sync_api import expect
+    # the example reaches the textbox after a round trip to the server: wait for it (input_value does not)
+    expect(page.locator("#prompt textarea")).to_have_value(prompts[-1], timeout=30_000)
     page.locator("#generate").click()
     image = page.locator("#gallery img").first
     image.wait_for(state="visible", timeout=120_000)

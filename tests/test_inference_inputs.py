@@ -189,7 +189,7 @@ def demo_generate(tiny_pipeline):
 
     from diffusion.demo import build_demo
     from diffusion.model.t5 import CaptionTokenizer
-    sampler = SimpleNamespace(image_size=64, multi_scale=False, model=object())
+    sampler = SimpleNamespace(image_size=64, multi_scale=False, model=object(), adapters={})
     demo = build_demo(sampler, CaptionTokenizer(tiny_pipeline[0] / "t5", model_max_length=48))
     return next(f.fn for f in demo.fns.values() if f.fn.__name__ == "generate")
 

@@ -34,8 +34,9 @@ def check_training_config(cfg):
              f"False for the single-scale model {cfg.model!r} (multi-scale training needs a PixArtMS model)")
     _require(not cfg.multi_scale or cfg.aspect_ratio_type, "aspect_ratio_type", cfg.aspect_ratio_type,
              "a bucket table such as 'ASPECT_RATIO_512' when multi_scale=True")
-    _require(not cfg.multi_scale or cfg.data.type == "InternalDataMS", "data.type", cfg.data.type,
-             "'InternalDataMS' when multi_scale=True (the dataset that yields aspect-ratio buckets)")
+    _require(not cfg.multi_scale or cfg.data.type == "InternalDataMS" or cfg.get("dreambooth"), "data.type",
+             cfg.data.type, "'InternalDataMS' when multi_scale=True (the dataset that yields aspect-ratio buckets; "
+             "DreamBooth buckets its own images)")
     _, preset_shape = MODELS[cfg.model]
     for key, fixed in preset_shape.items():
         value = cfg.model_kwargs.get(key, fixed)

@@ -32,9 +32,10 @@ from diffusion.train import workdir
 from diffusion.train.checks import check_batch_fits_model, check_training_config
 from diffusion.train.distributed import build_strategy
 from diffusion.train.ema import EMA
-from diffusion.train.flavour import TrainingFlavour
+from diffusion.train.flavour import TrainingFlavour, flavour_from_config
 from diffusion.train.optim import build_lr_scheduler, build_optimizer, scaled_lr
 from diffusion.utils.checkpoint import CheckpointError, load_state_dict_into, read_state_dict
+from diffusion.utils.config import ConfigError
 from diffusion.utils.fileio import writing
 from diffusion.utils.logger import get_logger
 
@@ -139,11 +140,16 @@ def seed_process(seed, rank):
 
 
 def train(cfg, options, flavour=None):
-    """Run (or resume) a training run described by a loaded config; returns a TrainResult."""
-    flavour = flavour or TrainingFlavour()
+    """Run (or resume) a training run described by a loaded config; returns a TrainResult. `flavour` defaults to
+    the config's (`flavour_from_config`: DreamBooth when `dreambooth` is set, LoRA when `lora` is, else full
+    training)."""
+    flavour = flavour or flavour_from_config(cfg)
     work_dir = Path(options.work_dir)
     cfg = cfg.with_overrides({"work_dir": str(work_dir)})
     check_training_config(cfg)
+    if flavour.fine_tunes_loaded_weights and not options.load_from:
+        raise ConfigError(f"the {flavour.name!r} training flavour fine-tunes loaded weights, resumes included: give "
+                          "--load-from CKPT (or the config's load_from)")
 
     # ------------------------------------------------------------ set up (the work dir is only read until it opens)
     strategy = build_strategy(cfg, options.report_to, work_dir)
@@ -160,8 +166,8 @@ def train(cfg, options, flavour=None):
              f"work dir {work_dir}")
 
     # ------------------------------------------------------------ build
-    data = flavour.build_data(cfg, rank=rank, world_size=world,
-                              num_workers=0 if options.debug else cfg.num_workers, device=accelerator.device)
+    data = flavour.build_data(cfg, rank=rank, world_size=world, num_workers=0 if options.debug else cfg.num_workers,
+                              device=accelerator.device, load_from=options.load_from)
     model = flavour.build_model(cfg)
     check_batch_fits_model(data.dataset, model, cfg)
     if options.load_from:
@@ -175,8 +181,9 @@ def train(cfg, options, flavour=None):
 
     # ------------------------------------------------------------ resume (weights before wrapping)
     learner = build_learner(model, diffusion, flavour, strategy, cfg, plan, checkpoint, resume_path)
-    log.info(f"{sum(p.numel() for p in learner.ema.model.parameters()):,} parameters; {len(data.dataset)} "
-             f"records; {_describe(plan, cfg)}")
+    trained = sum(p.numel() for group in learner.optimizer.param_groups for p in group["params"])
+    log.info(f"{sum(p.numel() for p in learner.ema.model.parameters()):,} parameters ({trained:,} trained, "
+             f"{flavour.name} flavour); {len(data.dataset)} records; {_describe(plan, cfg)}")
     run = RunState()
     if checkpoint is not None:
         _resume(checkpoint, run, learner, strategy, cfg, plan, log)
@@ -247,12 +254,12 @@ def build_learner(model, diffusion, flavour, strategy, cfg, plan, checkpoint=Non
     ema = EMA(model, cfg.ema_rate)
     averaged = {name: EMA(model, rate) for name, rate in flavour.averaged_copies(cfg).items()}
     if checkpoint is not None:
-        ema.load_state_dict(checkpoint["state_dict_ema"])
+        flavour.load_weights(ema.model, checkpoint["state_dict_ema"], source=f"{source} (state_dict_ema)")
         saved = checkpoint.get("flavour", {}).get("averaged", {})
         for name, copy in averaged.items():
             if name not in saved:
                 raise CheckpointError(f"{source} lacks the {flavour.name!r} flavour's averaged copy {name!r}")
-            copy.load_state_dict(saved[name])
+            flavour.load_weights(copy.model, saved[name], source=f"{source} (averaged copy {name!r})")
     for copy in (ema, *averaged.values()):
         copy.model.to(device)
     model, optimizer = strategy.prepare(model, lambda module, fused: build_optimizer(
@@ -331,7 +338,7 @@ def _write_checkpoint(path, run, accelerator, learner, cfg, placement, model_sta
     """Write a checkpoint atomically (main process), then prune this run dir's older ones (`keep_last_n`)."""
     payload = {
         "state_dict": _to_cpu(model_state),
-        "state_dict_ema": _to_cpu(learner.ema.state_dict()),
+        "state_dict_ema": _to_cpu(learner.flavour.weights_to_save(learner.ema.state_dict())),
         "optimizer": optim_state,
         "scheduler": learner.lr_scheduler.state_dict(),
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
@@ -342,7 +349,8 @@ def _write_checkpoint(path, run, accelerator, learner, cfg, placement, model_sta
         "rng": rng_states,
         "config": cfg.pretty_text,
         "flavour": {"name": learner.flavour.name,
-                    "averaged": {name: _to_cpu(ema.state_dict()) for name, ema in learner.averaged.items()},
+                    "averaged": {name: _to_cpu(learner.flavour.weights_to_save(ema.state_dict()))
+                                 for name, ema in learner.averaged.items()},
                     "state": flavour_state},
         "run": {"id": placement.run_id, "parent": placement.parent},
     }

@@ -19,14 +19,18 @@ class TrainData:
     visualizer: object = None
 
 
-def build_train_data(cfg, rank, world_size, num_workers, device):
-    dataset = build_dataset_from_config(cfg)
+def build_train_data(cfg, rank, world_size, num_workers, device, dataset=None):
+    """The `TrainData` of `dataset` (a flavour's own, e.g. DreamBooth's), else of the config's `data`."""
+    dataset = build_dataset_from_config(cfg) if dataset is None else dataset
     check_dataset_fills_a_step(dataset, cfg, world_size)
     batch_sampler = build_batch_sampler(dataset, cfg.train_batch_size, num_replicas=world_size, rank=rank,
                                         shuffle=True, seed=cfg.seed, drop_last=True,
                                         accumulation=cfg.gradient_accumulation_steps)
+    # Starting an iterator draws the workers' base seed from `generator`; from the global RNG, which dropout in the
+    # step uses, that draw would shift the global stream of a run resumed in mid-epoch against the uninterrupted one.
     loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                        pin_memory=torch.device(device).type == "cuda")
+                        pin_memory=torch.device(device).type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed + rank))
     vae = None
     if not cfg.data.get("load_vae_feat", True) or (cfg.eval_interval and cfg.validation_prompts):
         from diffusers import AutoencoderKL

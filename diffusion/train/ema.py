@@ -5,7 +5,8 @@ import torch
 
 
 class EMA:
-    """`ema = rate * ema + (1 - rate) * weights` for every parameter; buffers are copied."""
+    """`ema = rate * ema + (1 - rate) * weights` for every trainable parameter; buffers are copied. Frozen
+    parameters never change, so their copies stay equal to them without the work (LoRA freezes the whole base)."""
 
     def __init__(self, model, rate):
         if not 0.0 <= rate < 1.0:
@@ -15,11 +16,12 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model):
-        ema_params = list(self.model.parameters())
-        params = [p.detach().float() for p in model.parameters()]
+        ema_params, params = list(self.model.parameters()), list(model.parameters())
         if len(ema_params) != len(params):
             raise ValueError("EMA and model have different parameters")
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.rate)
+        pairs = [(e, p.detach().float()) for e, p in zip(ema_params, params) if p.requires_grad]
+        if pairs:
+            torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - self.rate)
         for ema_buf, buf in zip(self.model.buffers(), model.buffers()):
             ema_buf.copy_(buf)
 

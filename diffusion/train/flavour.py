@@ -13,17 +13,21 @@ class TrainingFlavour:
     """Full training of every parameter with the IDDPM loss (the paper's recipe).
 
     The core calls the hooks in this order: `build_data`; `build_model`, then the `--load-from` weights, then
-    `wrap_model`; on resume `load_weights`; `averaged_copies` and `frozen_modules`; `trainable_parameters` (after
-    FSDP has wrapped the model, before DDP wraps it); `loss` for every micro-batch; on save `weights_to_save` and
-    `extra_state`, on resume `load_extra_state`. The core keeps the model's EMA (`state_dict_ema`), updates every
-    averaged copy after each optimizer step (gathering FSDP shards) and saves and resumes them with the run.
+    `wrap_model`; on resume `load_weights` (the model's, then its EMA's and averaged copies'); `averaged_copies` and
+    `frozen_modules`; `trainable_parameters` (after FSDP has wrapped the model, before DDP wraps it); `loss` for
+    every micro-batch; on save `weights_to_save` (of the model, its EMA and every averaged copy) and `extra_state`,
+    on resume `load_extra_state`. The core keeps the model's EMA (`state_dict_ema`), updates every averaged copy
+    after each optimizer step (gathering FSDP shards; only trainable parameters change) and saves and resumes them
+    with the run.
 
     What each planned flavour will override:
-    - LoRA: `wrap_model` (adapters into the loaded model, every base weight frozen), `trainable_parameters` (the
-      adapters), `weights_to_save` / `load_weights` (the adapters only; the base comes from `--load-from` again).
-    - DreamBooth with prior preservation: `build_data` (the instance records plus class images generated before
-      training by the base model, marked per record, in every batch), `loss` (instance loss plus
-      `prior_loss_weight` x class loss, split by that mark); with LoRA also LoRA's hooks.
+    - LoRA (`diffusion/train/lora.py`): `wrap_model` (adapters into the loaded model, every base weight frozen),
+      `trainable_parameters` (the adapters), `weights_to_save` / `load_weights` (the adapters only; the base comes
+      from `--load-from` again), `extra_state` (the adapter's shape and the base weights' fingerprint).
+    - DreamBooth (`diffusion/train/dreambooth.py`): `build_data` (the instance images and, with prior preservation,
+      class images generated before training by the base model, features cached; every item pairs an instance
+      image with a class image, so every batch holds both), `loss` (instance loss plus `prior_loss_weight` x class
+      loss, split by the mark each sample carries); with LoRA also LoRA's hooks.
     - ControlNet: `wrap_model` (one module: the loaded base, frozen, and a trainable copy of its first blocks with
       zero-initialised projections, copied after the base's weights are in), `trainable_parameters` (the copy),
       `loss` (the batch's condition image passed to the model as `c`), `weights_to_save` / `load_weights` (the
@@ -36,9 +40,11 @@ class TrainingFlavour:
     """
 
     name = "full"  # written into checkpoints; a resume under another flavour is refused
+    fine_tunes_loaded_weights = False  # True: a run needs --load-from (or load_from), resumes included
 
-    def build_data(self, cfg, rank, world_size, num_workers, device):
-        """The dataset, its resumable batch sampler and loader (a `TrainData`)."""
+    def build_data(self, cfg, rank, world_size, num_workers, device, load_from=None):
+        """The dataset, its resumable batch sampler and loader (a `TrainData`). `load_from`: the weights the run
+        starts from (`--load-from`), for data the base model makes (DreamBooth's class images)."""
         return build_train_data(cfg, rank=rank, world_size=world_size, num_workers=num_workers, device=device)
 
     def build_model(self, cfg):
@@ -72,6 +78,12 @@ class TrainingFlavour:
     def loss(self, model, diffusion, batch, epoch, cfg, device, vae=None, companions=None):
         """Mean IDDPM loss of one micro-batch and the per-sample loss terms. `companions` maps the names of
         `averaged_copies` and `frozen_modules` to their modules."""
+        terms = self.loss_terms(model, diffusion, batch, epoch, cfg, device, vae)
+        return terms["loss"].mean(), terms
+
+    def loss_terms(self, model, diffusion, batch, epoch, cfg, device, vae=None):
+        """The IDDPM loss terms of each sample of a batch (x, y, mask, data_info), its randomness drawn from
+        (seed, epoch, data_info['index'])."""
         x, y, mask, data_info = batch
         x, y, mask = x.to(device), y.to(device), mask.to(device)
         if cfg.data.get("load_vae_feat", True):
@@ -83,15 +95,15 @@ class TrainingFlavour:
         latent = self.latents(x, draws.posterior_noise, cfg, vae)
         model_kwargs = dict(y=y, mask=mask, force_drop_ids=draws.drop,
                             data_info={k: data_info[k].to(device) for k in ("img_hw", "aspect_ratio")})
-        terms = diffusion.training_losses(model, latent, draws.timesteps, model_kwargs, noise=draws.noise)
-        return terms["loss"].mean(), terms
+        return diffusion.training_losses(model, latent, draws.timesteps, model_kwargs, noise=draws.noise)
 
     def weights_to_save(self, state_dict):
-        """The part of the model's full state dict a checkpoint stores under `state_dict` (all of it here)."""
+        """The part of a full state dict of the model (or of its EMA or an averaged copy) that a checkpoint stores
+        (all of it here)."""
         return state_dict
 
     def load_weights(self, model, state_dict, source):
-        """Put a checkpoint's `state_dict` (as `weights_to_save` wrote it) back into the model, strictly."""
+        """Put weights as `weights_to_save` wrote them back into the model (or a copy of it), strictly."""
         load_state_dict_into(model, state_dict, source=source)
 
     def extra_state(self):
@@ -100,3 +112,16 @@ class TrainingFlavour:
 
     def load_extra_state(self, state):
         """Restore what `extra_state` returned."""
+
+
+def flavour_from_config(cfg):
+    """The flavour a config asks for: DreamBooth when `dreambooth` is set (`diffusion/train/dreambooth.py`; with
+    a LoRA adapter when `lora` is set too), LoRA when `lora` is set (`diffusion/train/lora.py`), else full
+    training."""
+    if cfg.get("dreambooth"):
+        from diffusion.train.dreambooth import dreambooth_flavour
+        return dreambooth_flavour(cfg.dreambooth, cfg.get("lora"))
+    if cfg.get("lora"):
+        from diffusion.train.lora import LoRAFlavour
+        return LoRAFlavour(cfg.lora)
+    return TrainingFlavour()

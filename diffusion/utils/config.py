@@ -339,6 +339,7 @@ def _numbers(count, text, accepts):
 
 
 _FLAG = _Rule(lambda v: isinstance(v, bool), 'True or False')
+_PROMPT = _Rule(lambda v: isinstance(v, str) and v.strip() != '', "a non-empty prompt such as 'a photo of sks dog'")
 _PATH = _Rule(lambda v: isinstance(v, str) and v != '', 'a non-empty string')
 _UNUSED = 'a released key the reference never applies (windowed attention / relative positions)'
 _RESUME = ('a resume restores the whole training state; start from chosen weights with load_from / --load-from '
@@ -413,6 +414,18 @@ VALUE_RULES = {
     'model_kwargs.trim_captions': _FLAG,
     'model_kwargs.pack_captions': _FLAG,
     'model_kwargs.fused_modulation': _FLAG,
+    'dreambooth.instance_data_dir': _PATH,
+    'dreambooth.instance_prompt': _PROMPT,
+    'dreambooth.with_prior_preservation': _FLAG,
+    'dreambooth.class_prompt': _or_none(_PROMPT, 'None: no prior preservation'),
+    'dreambooth.class_data_dir': _or_none(_PATH, 'None: a folder of the cache'),
+    'dreambooth.num_class_images': _integer(1),
+    'dreambooth.prior_loss_weight': _real(0),
+    'dreambooth.sample_batch_size': _integer(1),
+    'dreambooth.class_sampler': _PATH,  # one of the registered samplers: `_check_combinations`
+    'dreambooth.class_sampling_steps': _integer(1),
+    'dreambooth.class_cfg_scale': _real(0, meaning=' (1: no guidance)'),
+    'dreambooth.cache_dir': _or_none(_PATH, 'None: work_dir/dreambooth_cache'),
 }
 
 
@@ -463,6 +476,35 @@ def _check_combinations(data, source_of):
     if data['learn_sigma'] and not data['pred_sigma']:
         raise _value_error('learn_sigma', True, 'False when pred_sigma=False (the variance is learned from the '
                            "model's extra output channels)", source_of('learn_sigma'))
+    if data.get('lora') is not None:  # its keys and ranges are its reader's (LoraSettings documents each)
+        from diffusion.model.lora import LoraSettings
+        try:
+            LoraSettings.from_config(data['lora'])
+        except ConfigError as err:
+            raise ConfigError(f"{err} ({_where(source_of('lora'))})") from None
+    if data.get('dreambooth'):
+        _check_dreambooth(data, source_of)
+
+
+def _check_dreambooth(data, source_of):
+    """What the DreamBooth keys need of each other and of the data settings (their ranges are VALUE_RULES')."""
+    settings = data['dreambooth']
+    for key, expected in (('instance_data_dir', "the folder of instance images, e.g. 'dog6' (under data_root)"),
+                          ('instance_prompt', "the prompt of the instance images, e.g. 'a photo of sks dog'")):
+        if key not in settings:
+            raise ConfigError(f'config key {"dreambooth." + key!r} is missing {_where(source_of("dreambooth"))}; '
+                              f'expected {expected}')
+    if settings.get('with_prior_preservation') and settings.get('class_prompt') is None:
+        raise _value_error('dreambooth.class_prompt', None, "the prompt of the class images (e.g. 'a photo of dog') "
+                           'when dreambooth.with_prior_preservation=True', source_of('dreambooth.class_prompt'))
+    from diffusion.sampling import SAMPLERS
+    sampler = settings.get('class_sampler', 'dpm-solver')
+    if sampler not in SAMPLERS:
+        raise _value_error('dreambooth.class_sampler', sampler, f'one of {_listing(SAMPLERS)}',
+                           source_of('dreambooth.class_sampler'))
+    if not data['data'].get('load_vae_feat', True):
+        raise _value_error('data.load_vae_feat', False, 'True with dreambooth (it caches the VAE features of its '
+                           'images itself)', source_of('data.load_vae_feat'))
 
 
 # ---------------------------------------------------------------- read-only views

@@ -65,19 +65,28 @@ def _block_count(keys, prefix):
     return len(ids)
 
 
+def module_pairs(depth, multi_scale):
+    """(ours, diffusers) names of every module whose weight and bias map 1:1 (LoRA adapters map the same way)."""
+    modules = _GLOBAL_MODULES + (_MS_MODULES if multi_scale else [])
+    return modules + [(f"blocks.{i}.{a}", f"transformer_blocks.{i}.{b}") for i in range(depth) for a, b in _BLOCK_MODULES]
+
+
+def split_modules(depth):
+    """(ours, diffusers parts) of every packed projection: our output rows are the parts' outputs in this order."""
+    return [(f"blocks.{i}.{a}", tuple(f"transformer_blocks.{i}.{b}" for b in parts))
+            for i in range(depth) for a, parts in _BLOCK_SPLITS]
+
+
 def _module_pairs(depth, multi_scale):
     """(ours, diffusers) parameter names for every 1:1 tensor."""
-    modules = _GLOBAL_MODULES + (_MS_MODULES if multi_scale else [])
-    modules += [(f"blocks.{i}.{a}", f"transformer_blocks.{i}.{b}") for i in range(depth) for a, b in _BLOCK_MODULES]
-    pairs = [(f"{a}.{p}", f"{b}.{p}") for a, b in modules for p in ("weight", "bias")]
+    pairs = [(f"{a}.{p}", f"{b}.{p}") for a, b in module_pairs(depth, multi_scale) for p in ("weight", "bias")]
     pairs += [(f"blocks.{i}.scale_shift_table", f"transformer_blocks.{i}.scale_shift_table") for i in range(depth)]
     pairs.append(("final_layer.scale_shift_table", "scale_shift_table"))
     return pairs
 
 
 def _split_pairs(depth):
-    return [(f"blocks.{i}.{a}.{p}", [f"transformer_blocks.{i}.{b}.{p}" for b in parts])
-            for i in range(depth) for a, parts in _BLOCK_SPLITS for p in ("weight", "bias")]
+    return [(f"{a}.{p}", [f"{b}.{p}" for b in parts]) for a, parts in split_modules(depth) for p in ("weight", "bias")]
 
 
 def _take(source, key, what):
