@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import argparse
 
 from diffusion.data.errors import DataError
+from diffusion.train.controlnet import ControlNetFlavour
 from diffusion.train.core import TrainingError, TrainOptions, train
 from diffusion.train.workdir import RUNS_DIR, WorkDirError
 from diffusion.utils.checkpoint import CheckpointError
@@ -70,7 +71,7 @@ def main(argv=None):
                                resume_from=args.resume_from or cfg.resume_from.get("checkpoint"),
                                load_from=args.load_from or cfg.load_from, report_to=args.report_to,
                                debug=args.debug, allow_used_work_dir=args.allow_used_work_dir)
-        result = train(cfg, options)
+        result = train(cfg, options, ControlNetFlavour() if cfg.controlnet else None)  # None: full training
     except Exception as err:
         if not isinstance(err, EXPECTED_ERRORS) and not getattr(err, "__notes__", None):
             raise  # a failure before training started that no check names: the traceback is the report

@@ -26,8 +26,8 @@ class TrainingFlavour:
       `prior_loss_weight` x class loss, split by that mark); with LoRA also LoRA's hooks.
     - ControlNet: `wrap_model` (one module: the loaded base, frozen, and a trainable copy of its first blocks with
       zero-initialised projections, copied after the base's weights are in), `trainable_parameters` (the copy),
-      `loss` (the batch's condition image passed to the model as `c`), `weights_to_save` / `load_weights` (the
-      copy only).
+      `extra_model_kwargs` (the batch's control latent passed to the model as `c`); it saves the full released
+      layout (`diffusion/train/controlnet.py`).
     - LCM distillation: `frozen_modules` (the teacher: the released model loaded from its file, not copied from
       the model, so that a resumed run does not take the student for it), `averaged_copies` (the target
       network, an EMA of the student at its own rate), `loss` (the consistency loss: the teacher's guided skip-step ODE solve from
@@ -82,9 +82,14 @@ class TrainingFlavour:
                                  diffusion.num_timesteps, cfg.class_dropout_prob, device)
         latent = self.latents(x, draws.posterior_noise, cfg, vae)
         model_kwargs = dict(y=y, mask=mask, force_drop_ids=draws.drop,
-                            data_info={k: data_info[k].to(device) for k in ("img_hw", "aspect_ratio")})
+                            data_info={k: data_info[k].to(device) for k in ("img_hw", "aspect_ratio")},
+                            **self.extra_model_kwargs(batch, epoch, cfg, device))
         terms = diffusion.training_losses(model, latent, draws.timesteps, model_kwargs, noise=draws.noise)
         return terms["loss"].mean(), terms
+
+    def extra_model_kwargs(self, batch, epoch, cfg, device):
+        """What the loss passes to the model besides the latents, captions and micro-conditions (nothing here)."""
+        return {}
 
     def weights_to_save(self, state_dict):
         """The part of the model's full state dict a checkpoint stores under `state_dict` (all of it here)."""
