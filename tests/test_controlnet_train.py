@@ -14,7 +14,7 @@ from diffusion.data.datasets import InternalData, InternalDataMS, build_dataset_
 from diffusion.data.feature_io import load_image, save_caption_feature, save_vae_feature
 from diffusion.data.latents import posterior_feature
 from diffusion.model.builder import build_model_from_config
-from diffusion.model.nets import ControlPixArtMSHalf
+from diffusion.model.nets import ControlPixArtHalf, ControlPixArtMSHalf
 from diffusion.train.controlnet import ControlNetFlavour
 from diffusion.train.randomness import draw_for_samples
 from diffusion.utils.checkpoint import read_checkpoint
@@ -149,6 +149,8 @@ def test_a_run_optimises_the_controlnet_only_and_leaves_the_base_bitwise_untouch
     controlnet_params = [k for k in saved["state_dict"] if k.startswith("controlnet.")]
     assert len(saved["optimizer"]["state"]) == len(controlnet_params)
     assert saved["flavour"]["name"] == "controlnet"
+    inference_model = ControlPixArtHalf(build_model_from_config(load_config(config_path)), copy_blocks_num=1)
+    inference_model.load_weights(saved["state_dict"])  # strict: the checkpoint is the released layout
 
 
 def test_resume_matches_an_uninterrupted_run(config_path, base_weights, tmp_path):
@@ -266,3 +268,29 @@ def test_the_released_controlhed_configs_load_with_the_reference_values(size, mo
 def test_more_copies_than_the_base_allows_are_refused_at_start_up(config_path, tmp_path):
     with pytest.raises(ConfigError, match="'copy_blocks_num' is 2; expected at most 1 for a 2-block model"):
         run(config_path, tmp_path / "run", {"copy_blocks_num": 2}, flavour=ControlNetFlavour())
+
+
+def test_the_train_script_trains_a_controlnet_config_with_the_controlnet_flavour(config_path, tmp_path, monkeypatch):
+    from scripts import train as script
+    chosen = []
+
+    def train(cfg, options, flavour=None):
+        chosen.append(flavour)
+        raise ConfigError("stopped before training")
+
+    monkeypatch.setattr(script, "train", train)
+    for controlnet in ("True", "False"):
+        with pytest.raises(SystemExit):
+            script.main([str(config_path), "--work-dir", str(tmp_path), "--cfg-options", f"controlnet={controlnet}"])
+    assert isinstance(chosen[0], ControlNetFlavour) and chosen[1] is None
+
+
+def test_the_extraction_tool_writes_a_controlnet_configs_condition_features(tmp_path, capsys):
+    from tools import extract_features
+    root = make_dataset(tmp_path / "images", sizes=[(64, 64), (48, 96)])
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    config = write_config(tmp_path, root, f"vae_pretrained = {str(tmp_path / 'vae')!r}")
+    assert extract_features.main([str(config), "--skip-t5", "--no-progress", "--device", "cpu", "--threads", "1"]) == 0
+    for record in json.loads(paths.annotation_path(root, "data_info.json").read_text()):
+        assert paths.condition_feature_path(root, record["path"], CONDITION, 64).is_file()
+    assert "condition: 2 written" in capsys.readouterr().out
