@@ -153,12 +153,12 @@ def test_a_run_optimises_the_controlnet_only_and_leaves_the_base_bitwise_untouch
     inference_model.load_weights(saved["state_dict"])  # strict: the checkpoint is the released layout
 
 
-def test_resume_matches_an_uninterrupted_run(config_path, base_weights, tmp_path):
+def test_resume_from_the_checkpoint_alone_matches_an_uninterrupted_run(config_path, base_weights, tmp_path):
     straight = run(config_path, tmp_path / "straight", {"max_steps": 4}, load_from=str(base_weights),
                    flavour=ControlNetFlavour())
     run(config_path, tmp_path / "resumed", {"max_steps": 2}, load_from=str(base_weights), flavour=ControlNetFlavour())
-    resumed = run(config_path, tmp_path / "resumed", {"max_steps": 4}, load_from=str(base_weights),
-                  flavour=ControlNetFlavour(), resume_from="auto")
+    resumed = run(config_path, tmp_path / "resumed", {"max_steps": 4}, flavour=ControlNetFlavour(),
+                  resume_from="auto")  # no --load-from: the checkpoint holds the base too
     assert resumed.global_step == 4
     assert_states_equal(read_checkpoint(straight.last_checkpoint), read_checkpoint(resumed.last_checkpoint))
 
