@@ -294,3 +294,11 @@ def test_the_extraction_tool_writes_a_controlnet_configs_condition_features(tmp_
     for record in json.loads(paths.annotation_path(root, "data_info.json").read_text()):
         assert paths.condition_feature_path(root, record["path"], CONDITION, 64).is_file()
     assert "condition: 2 written" in capsys.readouterr().out
+
+
+def test_missing_condition_features_fail_at_start_up_naming_the_file(tmp_path):
+    from diffusion.data.errors import DataError
+    root = make_feature_dataset(tmp_path / "data" / "no_conditions", num_records=4)
+    with pytest.raises(DataError, match=r"canny_feature_64/shapes/img_000\.npy"):
+        run(write_config(tmp_path, root), tmp_path / "run", flavour=ControlNetFlavour())
+    assert not (tmp_path / "run").exists()  # nothing written before the start-up checks pass
