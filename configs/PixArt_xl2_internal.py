@@ -40,6 +40,11 @@ caption_channels = 4096  # width of the T5 caption features
 pred_sigma = True  # the model predicts the variance as well as the noise (8 output channels)
 learn_sigma = True  # train the variance with the variational-bound loss term
 
+# ---------------------------------------------------------------- ControlNet (PIXART-delta), not in the reference base
+controlnet = False  # train a ControlNet over the load_from model: the base frozen, copies of its first blocks trained
+copy_blocks_num = 13  # base blocks the ControlNet copies (the released ControlNets: 13 of 28)
+control_condition = 'canny'  # condition features the dataset reads (<condition>_feature_<S>/): 'canny' or 'hed'
+
 # ---------------------------------------------------------------- diffusion
 train_sampling_steps = 1000  # diffusion steps used in training
 eval_sampling_steps = 250  # inert, read by nothing (INERT_KEYS): sampler steps used for evaluation images

@@ -193,7 +193,7 @@ def test_schema_types_are_the_code_registries(schema):
 
 def test_data_keys_are_the_constructor_arguments_a_config_sets(schema):
     derived = {'self', 'kwargs', 'data_root', 'text_encoder', 'resolution', 'max_length', 'caption_channels',
-               'aspect_ratio_type'}  # given by build_dataset_from_config or its caller
+               'aspect_ratio_type', 'control_condition'}  # given by build_dataset_from_config or its caller
     base_arguments = set(inspect.signature(InternalData.__init__).parameters)  # subclasses pass them on
     lists = {cls.annotation_list_key for cls in DATASETS.values()}
     for name, cls in DATASETS.items():

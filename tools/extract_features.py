@@ -3,8 +3,10 @@
 The config's dataset (`data`, under `data_root`) says what to extract: its records from the `data.image_list_json`
 (InternalData, InternalDataMS) or `data.image_list_txt` (SAM) partition files, their captions, their sizes
 (`image_size`; InternalDataMS: the buckets of `aspect_ratio_type`) and where it reads each feature file; the
-encoders come from `t5_pretrained` and `vae_pretrained`. Existing files are skipped, so an interrupted run
-resumes. Exit status 1 when some records failed (they are listed in a file).
+encoders come from `t5_pretrained` and `vae_pretrained`. A ControlNet config (`controlnet=True`) also gets the
+condition features of `control_condition` (<condition>_feature_<S>/: the VAE posterior of each record's edge map,
+Canny by default; 'hed' needs --hed-checkpoint). Existing files are skipped, so an interrupted run resumes. Exit
+status 1 when some records failed (they are listed in a file).
 
 Examples:
   python tools/extract_features.py configs/pixart_config/PixArt_toy_shapes.py
@@ -12,6 +14,9 @@ Examples:
       --cfg-options data_root=/data t5_pretrained=output/pretrained_models/t5_ckpts/t5-v1_1-xxl
   # 8 GPUs on one machine: one process per GPU, each takes every 8th record
   torchrun --nproc_per_node=8 tools/extract_features.py CONFIG --device cuda
+  # ControlNet HED condition features (with the VAE features) for the 512 px ControlNet config
+  python tools/extract_features.py configs/pixart_app_config/PixArt_xl2_img512_controlHed.py --skip-t5 \
+      --hed-checkpoint output/pretrained_models/ControlNetHED.pth
   # or split by hand across machines
   python tools/extract_features.py CONFIG --start 0 --end 500000
 """
@@ -46,7 +51,13 @@ def build_parser():
                         help='partition files to extract (default: the config\'s data.image_list_json, or '
                              'data.image_list_txt for SAM), e.g. --annotations data_info.json val_info.json')
     parser.add_argument('--skip-t5', action='store_true', help='do not extract T5 caption features')
-    parser.add_argument('--skip-vae', action='store_true', help='do not extract VAE features')
+    parser.add_argument('--skip-vae', action='store_true',
+                        help='do not extract VAE features (nor ControlNet condition features, which need the VAE)')
+    parser.add_argument('--skip-condition', action='store_true',
+                        help='ControlNet configs: do not extract the condition features of control_condition')
+    parser.add_argument('--hed-checkpoint', default=None, metavar='PTH',
+                        help="the annotators' ControlNetHED.pth for control_condition='hed' (never downloaded; "
+                             "default output/pretrained_models/ControlNetHED.pth)")
     parser.add_argument('--batch-size', type=positive_int, default=32,
                         help='captions or images per encoder call (default 32)')
     parser.add_argument('--num-workers', type=int, default=0,
@@ -113,7 +124,8 @@ def main(argv=None):
           f'{args.end or len(dataset)}) has {len(indices)}; image size {cfg.image_size}{buckets}; device {device}',
           flush=True)
 
-    text_encoder = vae = None
+    text_encoder = vae = hed = None
+    condition = None if args.skip_condition or args.skip_vae else getattr(dataset, 'control_condition', None)
     try:
         if not args.skip_t5:
             from diffusion.model.t5 import T5Embedder
@@ -126,13 +138,16 @@ def main(argv=None):
             from diffusion.model.t5 import resolve_dtype
             from diffusion.pipeline import load_vae
             vae = load_vae(cfg.vae_pretrained, device, dtype=resolve_dtype(args.vae_dtype, device))
+        if condition == 'hed':
+            from diffusion.model.hed import DEFAULT_HED_CHECKPOINT, load_hed
+            hed = load_hed(args.hed_checkpoint or DEFAULT_HED_CHECKPOINT, device)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f'error: {err}')
 
     extractor = FeatureExtractor(
         dataset, text_encoder=text_encoder, vae=vae, batch_size=args.batch_size, num_workers=args.num_workers,
         feature_dtype=np.dtype(args.feature_dtype), verify_existing=args.verify_existing,
-        progress=not args.no_progress)
+        progress=not args.no_progress, hed=hed, skip_condition=args.skip_condition)
     failures_file = args.failures_file or paths.failures_path(dataset.dataset_dir, rank, world_size)
     started = time.time()
     try:

@@ -8,6 +8,9 @@ records, each record's caption, target size and transformed image, and its featu
   each record in exactly one shard.
 - Multi-scale: an InternalDataMS resizes each image to cover its closest bucket and center-crops it, so
   aspect ratios are never distorted (SPEC section 9 point 6), and batches hold one bucket size each.
+- ControlNet: a dataset with `control_condition` ('canny', 'hed') also gets its condition features, the VAE
+  posterior of the record's edge map (`diffusion.data.conditions.make_condition` of the transformed image), where
+  it reads them (`paths.condition_feature_path`); 'hed' needs the HED network (`diffusion.model.hed.load_hed`).
 - A record that fails (corrupt image, missing caption, ...) is reported, not fatal: the summary lists it.
 - A file that cannot be written (disk full, read-only folder) stops the run with a FeatureWriteError naming
   it; no partial file is left under a final name, and the files written before it are complete.
@@ -17,9 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from diffusion.data.conditions import make_condition
 from diffusion.data.errors import DataError
 from diffusion.data.feature_io import load_caption_feature, load_vae_feature, save_caption_feature, save_vae_feature
 from diffusion.data.latents import posterior_feature
@@ -66,8 +71,9 @@ class FeatureCounts:
 
 @dataclass
 class ExtractionSummary:
-    """What a run did, per feature kind ('t5', 'vae'), and the failed records."""
-    counts: dict = field(default_factory=lambda: {'t5': FeatureCounts(), 'vae': FeatureCounts()})
+    """What a run did, per feature kind ('t5', 'vae', 'condition'), and the failed records."""
+    counts: dict = field(default_factory=lambda: {'t5': FeatureCounts(), 'vae': FeatureCounts(),
+                                                  'condition': FeatureCounts()})
     failures: list = field(default_factory=list)  # dicts: index, source, image, feature, error
     failures_file: str = None
 
@@ -93,11 +99,18 @@ class FeatureExtractor:
     and width that existing files are checked against.
 
     `text_encoder`: a callable list[str] -> (features (B, L, C), mask (B, L)), e.g. a T5Embedder, or None to
-    skip T5 features. `vae`: a diffusers AutoencoderKL, or None to skip VAE features.
+    skip T5 features. `vae`: a diffusers AutoencoderKL, or None to skip VAE features. With a `vae`, a dataset
+    whose `control_condition` is set also gets its condition features (`skip_condition=True`: not), for 'hed' by
+    `hed`, the loaded HED network.
     """
 
     def __init__(self, dataset, text_encoder=None, vae=None, batch_size=32, num_workers=0, feature_dtype=np.float32,
-                 verify_existing=False, progress=True):
+                 verify_existing=False, progress=True, hed=None, skip_condition=False):
+        self.condition = None if skip_condition or vae is None else getattr(dataset, 'control_condition', None)
+        if self.condition == 'hed' and hed is None:
+            raise ValueError("condition features 'hed' need the HED network (a local ControlNetHED checkpoint, "
+                             "diffusion.model.hed.load_hed)")
+        self.hed = hed
         self.dataset = dataset
         self.records = dataset.records
         self.text_encoder = text_encoder
@@ -130,7 +143,10 @@ class FeatureExtractor:
         if self.text_encoder is not None:
             self._run_t5(indices, summary)
         if self.vae is not None:
-            self._run_vae(indices, summary)
+            self._run_images(indices, summary, 'vae', self.dataset.vae_feature_path, lambda image: image)
+        if self.condition is not None:
+            self._run_images(indices, summary, 'condition', self.dataset.condition_feature_path,
+                             self._condition_image)
         try:
             if summary.failures:
                 atomic_write_text(failures_file, ''.join(json.dumps(f) + '\n' for f in summary.failures))
@@ -173,42 +189,47 @@ class FeatureExtractor:
                 bar.update(min(self.batch_size, len(indices) - start))
                 self._postfix(bar, counts)
 
-    def _run_vae(self, indices, summary):
-        counts = summary.counts['vae']
+    def _condition_image(self, image):
+        """The condition image (3, h, w) in [-1, 1] of a transformed image (3, h, w) in [-1, 1]."""
+        pixels = ((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        return make_condition(Image.fromarray(pixels), *image.shape[-2:], self.condition, self.hed)[0]
+
+    def _run_images(self, indices, summary, kind, path_of, prepare):
+        """VAE features of `prepare(transformed image)` for each record, written to `path_of(record)`."""
+        counts = summary.counts[kind]
         todo = []
         for index in indices:
             h, w = self.dataset.target_size(index)
             expected = (2 * self.vae.config.latent_channels, h // VAE_DOWNSAMPLE, w // VAE_DOWNSAMPLE)
-            if self._done(self.dataset.vae_feature_path(self.records[index]), lambda p: load_vae_feature(p, expected)):
+            if self._done(path_of(self.records[index]), lambda p: load_vae_feature(p, expected)):
                 counts.skipped += 1
             else:
                 todo.append(index)
         items = _ImageItems(self.dataset, todo)
         loader = DataLoader(items, batch_size=None, num_workers=self.num_workers)
         pending = {}  # target (h, w) -> [(index, image tensor)]: each batch holds one size
-        with self._bar(len(indices), 'VAE features') as bar:
+        with self._bar(len(indices), 'VAE features' if kind == 'vae' else f'{self.condition} features') as bar:
             bar.update(counts.skipped)
             for index, image, error in loader:
                 if error is not None:
-                    summary.fail('vae', index, self.records[index], error)
+                    summary.fail(kind, index, self.records[index], error)
                     bar.update(1)
                     continue
                 group = pending.setdefault(tuple(image.shape[-2:]), [])
-                group.append((index, image))
+                group.append((index, prepare(image)))
                 if len(group) == self.batch_size:
-                    self._encode(pending.pop(tuple(image.shape[-2:])), summary)
+                    self._encode(pending.pop(tuple(image.shape[-2:])), summary, kind, path_of)
                     bar.update(self.batch_size)
                 self._postfix(bar, counts)
             for group in pending.values():
-                self._encode(group, summary)
+                self._encode(group, summary, kind, path_of)
                 bar.update(len(group))
             self._postfix(bar, counts)
 
-    def _encode(self, group, summary):
+    def _encode(self, group, summary, kind, path_of):
         features = posterior_feature(self.vae, torch.stack([image for _, image in group])).float().cpu().numpy()
         for (index, _), feature in zip(group, features):
-            path = self.dataset.vae_feature_path(self.records[index])
-            _write(summary, 'vae', save_vae_feature, path, feature, dtype=self.feature_dtype)
+            _write(summary, kind, save_vae_feature, path_of(self.records[index]), feature, dtype=self.feature_dtype)
 
 
 class _ImageItems(Dataset):

@@ -9,6 +9,7 @@ A dataset folder (`data_root / data.root` in a config) holds:
     caption_feature_wmask/<stem>.npz      T5 features: caption_feature (1, L, C), attention_mask (1, L)
     img_vae_feature/train_vae_<S>/noflip/<stem>.npy     VAE mean+std (8, S/8, S/8), single resolution S
     img_vae_feature/train_vae_<S>_ms/noflip/<stem>.npy  VAE mean+std at the record's bucket of table S
+    <condition>_feature_<S>[_ms]/<stem>.npy  ControlNet condition (canny/hed edge map) VAE mean+std, as above
 
 <stem> is the record's relative path without its suffix, sub-folders kept: `a/b/x.png` -> `a/b/x.npz`. The
 reference flattens `a/b/x.png` to `a_b/x` in one place and `b_x` in another (SPEC section 9 point 5); here
@@ -62,6 +63,17 @@ def vae_feature_dir(dataset, image_size, multi_scale=False):
 def vae_feature_path(dataset, rel_path, image_size, multi_scale=False):
     """The VAE feature file (.npy) of the record whose image is `images/<rel_path>`."""
     return vae_feature_dir(dataset, image_size, multi_scale) / f'{record_stem(rel_path)}.npy'
+
+
+def condition_feature_dir(dataset, condition, image_size, multi_scale=False):
+    """The folder of a ControlNet condition's VAE features (the reference's `hed_feature_<S>`), e.g.
+    `canny_feature_512`; `_ms` for the bucket sizes of table `image_size`."""
+    return Path(dataset) / (f'{condition}_feature_{int(image_size)}' + ('_ms' if multi_scale else ''))
+
+
+def condition_feature_path(dataset, rel_path, condition, image_size, multi_scale=False):
+    """The condition feature file (.npy, mean+std like a VAE feature) of the record `images/<rel_path>`."""
+    return condition_feature_dir(dataset, condition, image_size, multi_scale) / f'{record_stem(rel_path)}.npy'
 
 
 def failures_path(dataset, rank=0, world_size=1):

@@ -14,6 +14,7 @@ from diffusion.data.datasets.batch_sampler import bucket_sizes, global_batch_cou
 from diffusion.data.errors import DataError
 from diffusion.data.transforms import TRANSFORMS
 from diffusion.model.builder import MODELS, is_multi_scale
+from diffusion.release import XL_2_SHAPE
 from diffusion.utils.config import ConfigError
 
 
@@ -46,6 +47,9 @@ def check_training_config(cfg):
     _require(transform in TRANSFORMS, "data.transform", transform, f"one of {sorted(TRANSFORMS)}")
     _require(cfg.data.get("load_t5_feat", True), "data.load_t5_feat", cfg.data.get("load_t5_feat"),
              "True for training: it reads the T5 features tools/extract_features.py writes")
+    depth = cfg.model_kwargs.get("depth", XL_2_SHAPE["depth"])
+    _require(not cfg.controlnet or cfg.copy_blocks_num <= depth - 1, "copy_blocks_num", cfg.copy_blocks_num,
+             f"at most {depth - 1} for a {depth}-block model (ControlNet copy j feeds base block j+1)")
     _require(not cfg.validation_prompts or cfg.t5_pretrained, "t5_pretrained", cfg.t5_pretrained,
              "a T5 folder to encode validation_prompts")
 

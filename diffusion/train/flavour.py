@@ -30,8 +30,8 @@ class TrainingFlavour:
       loss, split by the mark each sample carries); with LoRA also LoRA's hooks.
     - ControlNet: `wrap_model` (one module: the loaded base, frozen, and a trainable copy of its first blocks with
       zero-initialised projections, copied after the base's weights are in), `trainable_parameters` (the copy),
-      `loss` (the batch's condition image passed to the model as `c`), `weights_to_save` / `load_weights` (the
-      copy only).
+      `extra_model_kwargs` (the batch's control latent passed to the model as `c`); it saves the full released
+      layout (`diffusion/train/controlnet.py`).
     - LCM distillation: `frozen_modules` (the teacher: the released model loaded from its file, not copied from
       the model, so that a resumed run does not take the student for it), `averaged_copies` (the target
       network, an EMA of the student at its own rate), `loss` (the consistency loss: the teacher's guided skip-step ODE solve from
@@ -94,8 +94,13 @@ class TrainingFlavour:
                                  diffusion.num_timesteps, cfg.class_dropout_prob, device)
         latent = self.latents(x, draws.posterior_noise, cfg, vae)
         model_kwargs = dict(y=y, mask=mask, force_drop_ids=draws.drop,
-                            data_info={k: data_info[k].to(device) for k in ("img_hw", "aspect_ratio")})
+                            data_info={k: data_info[k].to(device) for k in ("img_hw", "aspect_ratio")},
+                            **self.extra_model_kwargs(batch, epoch, cfg, device))
         return diffusion.training_losses(model, latent, draws.timesteps, model_kwargs, noise=draws.noise)
+
+    def extra_model_kwargs(self, batch, epoch, cfg, device):
+        """What the loss passes to the model besides the latents, captions and micro-conditions (nothing here)."""
+        return {}
 
     def weights_to_save(self, state_dict):
         """The part of a full state dict of the model (or of its EMA or an averaged copy) that a checkpoint stores
@@ -116,12 +121,19 @@ class TrainingFlavour:
 
 def flavour_from_config(cfg):
     """The flavour a config asks for: DreamBooth when `dreambooth` is set (`diffusion/train/dreambooth.py`; with
-    a LoRA adapter when `lora` is set too), LoRA when `lora` is set (`diffusion/train/lora.py`), else full
-    training."""
+    a LoRA adapter when `lora` is set too), LoRA when `lora` is set (`diffusion/train/lora.py`), ControlNet when
+    `controlnet` is set (`diffusion/train/controlnet.py`), else full training."""
+    if cfg.get("controlnet") and (cfg.get("dreambooth") or cfg.get("lora")):
+        from diffusion.utils.config import ConfigError
+        raise ConfigError("controlnet=True trains the ControlNet copies of a frozen base; it does not combine with "
+                          "dreambooth or lora (set those to None, or controlnet=False)")
     if cfg.get("dreambooth"):
         from diffusion.train.dreambooth import dreambooth_flavour
         return dreambooth_flavour(cfg.dreambooth, cfg.get("lora"))
     if cfg.get("lora"):
         from diffusion.train.lora import LoRAFlavour
         return LoRAFlavour(cfg.lora)
+    if cfg.get("controlnet"):
+        from diffusion.train.controlnet import ControlNetFlavour
+        return ControlNetFlavour()
     return TrainingFlavour()

@@ -38,9 +38,11 @@ def build_dataset(data_cfg, data_root='', **kwargs):
 
 def build_dataset_from_config(cfg, **kwargs):
     """The training dataset of a loaded config: `cfg.data` under `cfg.data_root`, at `cfg.image_size`, with the
-    config's caption length and width (and bucket table for InternalDataMS)."""
+    config's caption length and width (and bucket table for InternalDataMS; condition features for a ControlNet)."""
     derived = dict(resolution=cfg.image_size, max_length=cfg.model_max_length, caption_channels=cfg.caption_channels)
     if cfg.data.get('type') == 'InternalDataMS' and cfg.aspect_ratio_type:
         derived['aspect_ratio_type'] = cfg.aspect_ratio_type
+    if cfg.get('controlnet', False):
+        derived['control_condition'] = cfg.control_condition
     derived.update(kwargs)
     return build_dataset(cfg.data, data_root=cfg.data_root, **derived)

@@ -7,7 +7,9 @@ An item is `(x, caption_feature, attention_mask, data_info)`:
 - `caption_feature` (1, L, C) float32 and `attention_mask` (1, L) int64, from the T5 feature file or, with
   `load_t5_feat=False`, from `text_encoder([prompt])`;
 - `data_info`: `img_hw` float32 [h, w] of the original image, `aspect_ratio` float32 [ratio] (the bucket's
-  for InternalDataMS, the image's own h/w otherwise) and `index`, the record's index.
+  for InternalDataMS, the image's own h/w otherwise) and `index`, the record's index; with `control_condition`
+  (ControlNet training) also `condition`, the record's condition feature (8, h/8, w/8), mean then std of the
+  VAE-encoded edge map, unscaled and not sampled, like `x`.
 The default DataLoader collation batches items. An item depends on its index only: no random flips and no
 resampling. A missing or corrupt file raises `BadRecordError` naming the record and the file (SPEC section 9
 point 5: the reference swallowed every error and silently took another image). Because an item depends on its
@@ -46,7 +48,7 @@ class InternalData(Dataset):
 
     def __init__(self, root, image_list_json=('data_info.json',), transform='default_train', resolution=256,
                  load_vae_feat=True, load_t5_feat=True, max_length=T5_TOKENS, caption_channels=None,
-                 text_encoder=None, data_root='', cache_items=False):
+                 text_encoder=None, data_root='', cache_items=False, control_condition=None):
         resolution = int(resolution)
         if resolution <= 0 or resolution % VAE_DOWNSAMPLE:
             raise ValueError(f'resolution must be a positive multiple of {VAE_DOWNSAMPLE}, got {resolution}')
@@ -61,6 +63,7 @@ class InternalData(Dataset):
         self.max_length = max_length
         self.caption_channels = caption_channels
         self.text_encoder = text_encoder
+        self.control_condition = control_condition  # 'canny' / 'hed': read its features; None: no condition
         self.records = load_dataset_records(self.dataset_dir, image_list_json, self.annotation_kind)
         self.cached_items = {} if cache_items else None
 
@@ -97,6 +100,9 @@ class InternalData(Dataset):
     def caption_feature_path(self, record):
         return paths.caption_feature_path(self.dataset_dir, record.path)
 
+    def condition_feature_path(self, record):
+        return paths.condition_feature_path(self.dataset_dir, record.path, self.control_condition, self.resolution)
+
     def original_size(self, record):
         """(h, w) of the original image, from the annotation."""
         return record.height, record.width
@@ -120,6 +126,10 @@ class InternalData(Dataset):
             'aspect_ratio': torch.tensor([self.data_aspect_ratio(index, orig_h, orig_w)], dtype=torch.float32),
             'index': index,
         }
+        if self.control_condition is not None:
+            data_info['condition'] = load_vae_feature(
+                self.condition_feature_path(record),
+                (VAE_FEATURE_CHANNELS, height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE))
         return x, caption_feature, attention_mask, data_info
 
     def transformed_image(self, index):
@@ -159,3 +169,7 @@ class InternalDataMS(InternalData):
 
     def vae_feature_path(self, record):
         return paths.vae_feature_path(self.dataset_dir, record.path, self.resolution, multi_scale=True)
+
+    def condition_feature_path(self, record):
+        return paths.condition_feature_path(self.dataset_dir, record.path, self.control_condition, self.resolution,
+                                            multi_scale=True)
