@@ -52,6 +52,7 @@ from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_c
 from diffusion.utils.arguments import MAX_SEED, device_name, finite_float, positive_int, seed_value
 from diffusion.utils.outputs import OutputError, append_jsonl, prepare_output_dir, save_numbered_png
 
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
