@@ -1,7 +1,8 @@
 """Output folders that several runs may write into at the same time (scripts/inference.py's --output-dir).
 
 Images are numbered `NNNN_<name>`: each number is claimed with O_CREAT|O_EXCL and held only when no other file
-has it, so concurrent runs interleave numbers and never overwrite an image; the PNG goes to a temp file that
+has it, so concurrent runs interleave numbers and never overwrite an image (two claims of one number at the same
+instant may both give it up: a gap, never a shared number); the PNG goes to a temp file that
 is renamed over the claimed name. A metadata line is appended with one write on an O_APPEND descriptor, after
 its image is in place, so lines of concurrent runs never mix and every line names a complete file.
 """
