@@ -1,4 +1,5 @@
-"""Tiny datasets, encoders and helpers shared by the data tests (tests/test_data_*.py, test_toy_recipe.py)."""
+"""Tiny datasets, encoders, training configs and helpers shared by the tests (tests/test_data_*.py, test_toy_recipe.py,
+the training tests)."""
 import json
 import zlib
 
@@ -11,6 +12,12 @@ from diffusion.data.datasets import InternalData, InternalDataMS
 from diffusion.data.extract import FeatureExtractor
 
 MAX_LENGTH, CHANNELS = 6, 8
+# A tiny PixArt training run, what the training tests share; each test sets what it is about on top.
+TINY_TRAINING = dict(model='PixArt', model_kwargs=dict(depth=2, hidden_size=96, num_heads=4, patch_size=2),
+                     image_size=64, scale_factor=1.0, mixed_precision='no', train_batch_size=4, num_workers=0,
+                     optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.0, eps=1e-8), auto_lr=None,
+                     lr_schedule_args=dict(num_warmup_steps=0), ema_rate=0.9, log_interval=1, save_model_epochs=0,
+                     seed=7)
 # (height, width) of the test images: square, wide, tall and nearly square
 SIZES = [(64, 64), (48, 96), (96, 48), (64, 64), (72, 64), (48, 96)]
 
@@ -71,3 +78,11 @@ def extractor(root, text_encoder=None, vae=None, json_names=('data_info.json',),
     dataset = InternalDataMS(root, aspect_ratio_type=buckets, **options) if buckets else InternalData(root, **options)
     return FeatureExtractor(dataset, text_encoder=text_encoder, vae=vae, batch_size=4, progress=False,
                             **kwargs), dataset.records
+
+
+def write_training_config(path, base, extra="", **values):
+    """A config file at `path` inheriting `base`, setting TINY_TRAINING updated with `values` (Python literals),
+    then the config text `extra`; returns the path."""
+    lines = [f"_base_ = [{str(base)!r}]"] + [f"{key} = {value!r}" for key, value in {**TINY_TRAINING, **values}.items()]
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path

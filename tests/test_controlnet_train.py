@@ -21,7 +21,7 @@ from diffusion.train.randomness import draw_for_samples
 from diffusion.utils.checkpoint import read_checkpoint
 from diffusion.utils.config import ConfigError, load_config
 from tests.conftest import REPO, TINY, randomize
-from tests.data_fixtures import make_dataset, tiny_vae
+from tests.data_fixtures import make_dataset, tiny_vae, write_training_config
 from tests.test_train import assert_states_equal, fresh_accelerate_state, make_feature_dataset, run  # noqa: F401
 
 CONDITION = "canny"
@@ -53,33 +53,12 @@ def base_weights(tmp_path_factory, dataset_root):
 
 
 def write_config(folder, dataset_root, extra=""):
-    path = folder / "tiny_controlnet.py"
-    path.write_text(f"""_base_ = [{str(REPO / 'configs' / 'PixArt_xl2_internal.py')!r}]
-data_root = {str(dataset_root.parent)!r}
-data = dict(type='InternalData', root={dataset_root.name!r}, image_list_json=['data_info.json'], load_vae_feat=True)
-model = 'PixArt'
-model_kwargs = dict(depth=2, hidden_size=96, num_heads=4, patch_size=2)
-image_size = 64
-caption_channels = {TINY['caption_channels']}
-model_max_length = {TINY['model_max_length']}
-scale_factor = 1.0
-mixed_precision = 'no'
-train_batch_size = 4
-num_workers = 0
-max_steps = 4
-optimizer = dict(type='AdamW', lr=1e-3, weight_decay=0.0, eps=1e-8)
-auto_lr = None
-lr_schedule_args = dict(num_warmup_steps=0)
-ema_rate = 0.9
-log_interval = 1
-save_model_epochs = 0
-seed = 7
-controlnet = True
-copy_blocks_num = 1
-control_condition = {CONDITION!r}
-class_dropout_prob = 0.5
-{extra}""")
-    return path
+    return write_training_config(
+        folder / "tiny_controlnet.py", REPO / "configs" / "PixArt_xl2_internal.py", extra,
+        data_root=str(dataset_root.parent),
+        data=dict(type='InternalData', root=dataset_root.name, image_list_json=['data_info.json'], load_vae_feat=True),
+        caption_channels=TINY['caption_channels'], model_max_length=TINY['model_max_length'], max_steps=4,
+        controlnet=True, copy_blocks_num=1, control_condition=CONDITION, class_dropout_prob=0.5)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from diffusion.train.lora import adapter_from_checkpoint
 from diffusion.utils.checkpoint import read_checkpoint, save_weights
 from diffusion.utils.config import ConfigError, load_config
 from tests.conftest import REPO, randomize
+from tests.data_fixtures import write_training_config
 from tests.test_train import assert_states_equal, final_state, fresh_accelerate_state, run  # noqa: F401
 
 PRIOR = {"with_prior_preservation": True, "class_prompt": "a photo of dog", "num_class_images": 4,
@@ -50,33 +51,13 @@ def shared_cache(tmp_path_factory):
 @pytest.fixture
 def config(tmp_path, tiny_pipeline, instances, base_config_path, shared_cache):
     root, _ = tiny_pipeline
-    path = tmp_path / "dreambooth.py"
-    path.write_text(f"""_base_ = [{str(base_config_path)!r}]
-data_root = {str(instances.parent)!r}
-dreambooth = dict(instance_data_dir={instances.name!r}, instance_prompt='a photo of sks dog',
-                  cache_dir={str(shared_cache)!r})
-model = 'PixArt'
-model_kwargs = dict(depth=1, hidden_size=96, num_heads=4, patch_size=2)
-image_size = 64
-caption_channels = 32
-model_max_length = 48
-t5_pretrained = {str(root / 't5')!r}
-vae_pretrained = {str(root / 'vae')!r}
-load_from = {str(root / 'model.pth')!r}
-scale_factor = 1.0
-mixed_precision = 'no'
-train_batch_size = 2
-num_workers = 0
-max_steps = 2
-optimizer = dict(type='AdamW', lr=1e-3, weight_decay=0.0, eps=1e-8)
-auto_lr = None
-lr_schedule_args = dict(num_warmup_steps=0)
-ema_rate = 0.9
-log_interval = 1
-save_model_epochs = 0
-seed = 5
-""")
-    return path
+    return write_training_config(
+        tmp_path / "dreambooth.py", base_config_path, data_root=str(instances.parent),
+        dreambooth=dict(instance_data_dir=instances.name, instance_prompt='a photo of sks dog',
+                        cache_dir=str(shared_cache)),
+        model_kwargs=dict(depth=1, hidden_size=96, num_heads=4, patch_size=2), caption_channels=32,
+        model_max_length=48, t5_pretrained=str(root / 't5'), vae_pretrained=str(root / 'vae'),
+        load_from=str(root / 'model.pth'), train_batch_size=2, max_steps=2, seed=5)
 
 
 def db_run(config, work_dir, overrides=None, **options):

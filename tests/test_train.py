@@ -18,6 +18,7 @@ from diffusion.train.flavour import TrainingFlavour
 from diffusion.utils.checkpoint import CheckpointError, read_checkpoint
 from diffusion.utils.config import ConfigError, load_config
 from tests.conftest import REPO, TINY, tiny_model
+from tests.data_fixtures import write_training_config
 
 NUM_RECORDS = 24
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
@@ -51,32 +52,11 @@ def dataset_root(tmp_path_factory):
 
 @pytest.fixture
 def train_config(tmp_path, dataset_root, base_config_path):
-    path = tmp_path / "tiny_train.py"
-    path.write_text(f"""_base_ = [{str(base_config_path)!r}]
-data_root = {str(dataset_root.parent)!r}
-data = dict(type='InternalData', root={dataset_root.name!r}, image_list_json=['data_info.json'], load_vae_feat=True)
-model = 'PixArt'
-model_kwargs = dict(depth=2, hidden_size=96, num_heads=4, patch_size=2)
-image_size = 64
-caption_channels = {TINY['caption_channels']}
-model_max_length = {TINY['model_max_length']}
-scale_factor = 1.0
-mixed_precision = 'no'
-train_batch_size = 4
-num_workers = 0
-num_epochs = 100
-max_steps = 8
-optimizer = dict(type='AdamW', lr=1e-3, weight_decay=0.0, eps=1e-8)
-auto_lr = None
-lr_schedule_args = dict(num_warmup_steps=2)
-gradient_clip = 1.0
-ema_rate = 0.9
-log_interval = 1
-save_model_epochs = 0
-save_model_steps = 1000000
-seed = 7
-""")
-    return path
+    return write_training_config(
+        tmp_path / "tiny_train.py", base_config_path, data_root=str(dataset_root.parent),
+        data=dict(type='InternalData', root=dataset_root.name, image_list_json=['data_info.json'], load_vae_feat=True),
+        caption_channels=TINY['caption_channels'], model_max_length=TINY['model_max_length'], num_epochs=100,
+        max_steps=8, lr_schedule_args=dict(num_warmup_steps=2), gradient_clip=1.0, save_model_steps=1000000)
 
 
 @pytest.fixture(autouse=True)
