@@ -64,3 +64,24 @@ def test_bad_inputs_name_the_file_and_line(tmp_path):
         tool.main([str(tmp_path / 'broken')])
     with pytest.raises(SystemExit):
         tool.main([])  # neither a folder nor --split
+
+
+def test_a_new_kind_is_scored_under_its_word(tmp_path):
+    folder = tmp_path / 'bars'
+    folder.mkdir()
+    scenes = [Scene('gray', (Shape('green', 'bar', 'large', 'left'),)),
+              Scene('white', (Shape('yellow', 'bar', 'small', 'top right'),)),
+              Scene('black', (Shape('purple', 'circle', 'large', 'center'),))]  # drawn as a circle: wrong kind
+    lines = []
+    for i, scene in enumerate(scenes):
+        render_scene(scene, 64).save(folder / f'{i}.png')
+        shown = scene if i < 2 else Scene('black', (Shape('purple', 'bar', 'large', 'center'),))
+        prompt = ' '.join('sks' if w == 'bar' else w for w in caption(shown).split(' '))
+        lines.append(json.dumps({'file': f'{i}.png', 'prompt': prompt}))
+    (folder / 'metadata.jsonl').write_text('\n'.join(lines) + '\n')
+    report = tool.evaluate(tool.read_generated(folder), new_kind=('sks', 'bar'))
+    assert report['all_shapes']['kind'] == pytest.approx(2 / 3) and report['all_shapes']['colour'] == 1
+    with pytest.raises(tool.EvalError, match='not a toy-shapes caption'):
+        tool.evaluate(tool.read_generated(folder))  # 'sks' means nothing without it
+    with pytest.raises(SystemExit):
+        tool.parse_args([str(folder), '--new-kind', 'sks=star'])

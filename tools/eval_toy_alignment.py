@@ -6,7 +6,7 @@ fill, by extent and by grid cell) and compared with the scene its prompt describ
   background  the named background colour
   count       as many shapes as the prompt names
   position    a shape in each named cell (per described shape; the rest are judged on that shape)
-  colour      ... of the named colour        kind  ... of the named kind (circle/square/triangle)
+  colour      ... of the named colour        kind  ... of the named kind (circle/square/triangle; --new-kind)
   size        ... of the named size          all   every attribute of the shape right
 and the same per-shape scores for the shapes whose colour-kind pair no training image has, when the dataset
 (--data) says which pairs were held out.
@@ -30,7 +30,16 @@ import json
 from PIL import Image
 
 from diffusion.data import paths
-from diffusion.data.toy_shapes import MANIFEST, SPLIT_FILES, alignment_report, caption, detect_scene, parse_caption
+from diffusion.data.toy_shapes import (
+    KINDS,
+    MANIFEST,
+    NEW_KINDS,
+    SPLIT_FILES,
+    alignment_report,
+    caption,
+    detect_scene,
+    parse_caption,
+)
 from diffusion.utils.fileio import atomic_write_text
 
 ATTRIBUTES = ('background', 'count', 'position', 'colour', 'kind', 'size', 'all')
@@ -51,7 +60,19 @@ def build_parser():
     parser.add_argument('--split', choices=sorted(SPLIT_FILES), help='score this split of --data instead of a folder')
     parser.add_argument('--limit', type=int, default=None, help='score only the first N images')
     parser.add_argument('--json', metavar='OUT', help='also write the scores and per-image readings to this file')
+    parser.add_argument('--new-kind', metavar='WORD=KIND', type=new_kind_argument, default=None,
+                        help=f'score a kind the dataset never draws ({", ".join(NEW_KINDS)}; tools/toy_dreambooth.py '
+                             'teaches one), named WORD in the prompts, e.g. --new-kind sks=bar: WORD is read as KIND '
+                             'and the judge also reads blobs as KIND')
     return parser
+
+
+def new_kind_argument(text):
+    word, sep, kind = text.partition('=')
+    if not sep or not word or ' ' in word or kind not in NEW_KINDS:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected WORD=KIND with one word and KIND one of '
+                                         f'{", ".join(NEW_KINDS)}, e.g. sks=bar')
+    return word, kind
 
 
 def parse_args(argv=None):
@@ -99,13 +120,17 @@ def held_out_pairs_of(data):
     return {tuple(pair) for pair in json.loads(manifest.read_text())['held_out_pairs']}
 
 
-def evaluate(items, held_out=()):
+def evaluate(items, held_out=(), new_kind=None):
     """Scores of [(image path, prompt, where)]: {'all_shapes': scores, 'held_out_pairs': scores or None,
-    'images': [{file, prompt, read}]}. A missing image or a prompt outside the toy grammar is an EvalError."""
+    'images': [{file, prompt, read}]}. A missing image or a prompt outside the toy grammar is an EvalError.
+    `new_kind`: (word, kind) - prompts name a kind of NEW_KINDS by `word`, and the judge reads it."""
+    kinds = KINDS + ((new_kind[1],) if new_kind else ())
     images, scenes, found, readings = [], [], [], []
     for path, prompt, where in items:
         try:
-            scene = parse_caption(prompt)
+            text = prompt if new_kind is None else ' '.join(new_kind[1] if w == new_kind[0] else w
+                                                            for w in prompt.split(' '))
+            scene = parse_caption(text)
         except ValueError as err:
             raise EvalError(f'{where}: {err}') from None
         try:
@@ -115,11 +140,12 @@ def evaluate(items, held_out=()):
             raise EvalError(f'{where}: cannot read image {path}: {err}') from None
         images.append(image)
         scenes.append(scene)
-        seen = detect_scene(image)
+        seen = detect_scene(image, kinds)
         found.append(seen)
         readings.append({'file': str(path), 'prompt': prompt,
                          'read': caption(seen) if seen.shapes else f'no shapes, on a {seen.background} background'})
-    return {'num_images': len(images), **alignment_report(images, scenes, held_out, found=found), 'images': readings}
+    return {'num_images': len(images), **alignment_report(images, scenes, held_out, found=found, kinds=kinds),
+            'images': readings}
 
 
 def format_table(report):
@@ -142,7 +168,7 @@ def main(argv=None):
     try:
         items = read_split(args.data, args.split) if args.split else read_generated(args.images)
         items = items[:args.limit] if args.limit else items
-        report = evaluate(items, held_out_pairs_of(args.data) if args.data else ())
+        report = evaluate(items, held_out_pairs_of(args.data) if args.data else (), args.new_kind)
     except EvalError as err:
         sys.exit(f'error: {err}')
     print(f'{report["num_images"]} images from {args.images or f"{args.data} ({args.split})"}')
