@@ -255,3 +255,46 @@ def test_the_toy_dreambooth_config_trains_with_the_toy_encoders(tmp_path, instan
     result = db_run(toy, tmp_path / "run", overrides)
     assert result.global_step == 2 and final_state(result)["flavour"]["name"] == "dreambooth"
     assert len(list((tmp_path / "cache" / "vae").glob("*.npy"))) == 3
+
+
+# ---------------------------------------------------------------- caption files and several class prompts
+
+def test_caption_files_give_images_their_own_prompts(config, tmp_path):
+    folder = tmp_path / "captioned"
+    for i in range(3):
+        write_image(folder / f"dog{i}.png", 64, 64, seed=i)
+    (folder / "dog1.txt").write_text("a photo of sks dog on the grass\n", encoding="utf-8")
+    (folder / "dog2.txt").write_text("a photo of sks dog asleep", encoding="utf-8")
+    data = prepare(config, {"dreambooth.instance_data_dir": str(folder), **own_cache(tmp_path)})
+    captions = [data[i][1] for i in range(3)]
+    assert not torch.equal(captions[0], captions[1]) and not torch.equal(captions[1], captions[2])
+    alone = prepare(config, {"dreambooth.instance_data_dir": str(folder), **own_cache(tmp_path / "other"),
+                             "dreambooth.instance_prompt": "a photo of sks dog asleep"})
+    assert torch.equal(alone[0][1], captions[2])  # dog2's caption file is read as that prompt
+    (folder / "dog1.txt").write_text("  \n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"the caption file .*dog1.txt is empty: expected the image's prompt"):
+        prepare(config, {"dreambooth.instance_data_dir": str(folder), **own_cache(tmp_path)})
+    (folder / "dog1.txt").write_text("a photo of sks dog " * 20, encoding="utf-8")
+    with pytest.raises(DataError, match=r"the caption file .*dog1.txt .*tokens; the model reads at most 48"):
+        prepare(config, {"dreambooth.instance_data_dir": str(folder), **own_cache(tmp_path)})
+
+
+def test_a_list_of_class_prompts_makes_class_images_from_each_with_their_captions(config, tmp_path):
+    prompts = ["a photo of dog", "a photo of a dog running", "a photo of a dog asleep"]
+    data = prepare(config, {**prior(class_prompt=prompts, num_class_images=4), **own_cache(tmp_path)})
+    generated = sorted((tmp_path / "cache" / "class_images").rglob("*.png"))
+    assert [db.caption_file(p).read_text(encoding="utf-8") for p in generated] == prompts + prompts[:1]
+    class_captions = [data[i][3]["class_caption"] for i in range(4)]
+    assert torch.equal(class_captions[0], class_captions[3])
+    assert not torch.equal(class_captions[0], class_captions[1])
+    # an image without a caption in a folder read under a list of prompts has no prompt: named
+    user_folder = tmp_path / "user_classes"
+    write_image(user_folder / "mine.png", 64, 64, seed=9)
+    with pytest.raises(DataError, match=r"mine.png has no caption file mine.txt: with a list as "
+                                        r"dreambooth.class_prompt"):
+        prepare(config, {**prior(class_prompt=prompts, num_class_images=1),
+                         "dreambooth.class_data_dir": str(user_folder), **own_cache(tmp_path)})
+    with pytest.raises(ConfigError, match=r"'dreambooth.class_prompt' is \[\]; expected None or a non-empty prompt"):
+        load_config(config, prior(class_prompt=[]))
+    with pytest.raises(ConfigError, match=r"config key 'dreambooth.class_prompt\[1\]'.*tokens; the model reads at most"):
+        prepare(config, {**prior(class_prompt=["a dog", "a dog " * 40]), **own_cache(tmp_path)})

@@ -1,6 +1,9 @@
 """DreamBooth fine-tuning as a training flavour: every weight (`DreamBoothFlavour`) or a LoRA adapter
 (`DreamBoothLoRAFlavour`, when the config sets `lora` too) learns a subject from a few instance images under one
-prompt ('a photo of sks dog'), optionally with prior preservation.
+prompt ('a photo of sks dog'), optionally with prior preservation. An image with a caption file beside it (the same
+name with `.txt`: `dog3.png` -> `dog3.txt`, one prompt in UTF-8) is trained on its own caption instead, in the
+instance and the class folder alike; `class_prompt` may be a list, class image j then being made from prompt
+j mod len (its caption file is written with it).
 
 Selected by the config's `dreambooth` dict (base config: its keys and defaults; `flavour_from_config`). At start-up,
 before training and on the main process (the others wait, then read the cache):
@@ -9,7 +12,7 @@ before training and on the main process (the others wait, then read the cache):
    shared sampling pipeline at the instance images' sizes and written as PNGs into `class_data_dir` (images already
    there count: the user's own, or those of an earlier start), each from its own seed;
 3. the VAE features of every image at its training size (its aspect-ratio bucket on multi-scale models) and the T5
-   features of the two prompts are computed and cached in `cache_dir` under keys made of the image bytes, the size,
+   features of every prompt are computed and cached in `cache_dir` under keys made of the image bytes, the size,
    the prompt and the encoder folders, so a changed image, prompt or encoder is recomputed and a resume reads the
    cache; T5, VAE and the sampling model are freed before training.
 Every item pairs an instance image with a class image (`diffusion/data/datasets/dreambooth.py`), so any batch size
@@ -54,9 +57,9 @@ CACHE_DIR = "dreambooth_cache"  # under the work dir unless dreambooth.cache_dir
 class DreamBoothSettings:
     """The config's `dreambooth` dict with the defaults of the keys left out (load_config checked the values)."""
     instance_data_dir: str
-    instance_prompt: str
+    instance_prompt: str             # of the instance images without a caption file
     with_prior_preservation: bool = False
-    class_prompt: str = None
+    class_prompt: object = None      # a prompt, or a list of them (class image j: prompt j mod len)
     class_data_dir: str = None       # None: a folder of the cache, keyed by what makes the images
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
@@ -69,6 +72,12 @@ class DreamBoothSettings:
     @classmethod
     def from_config(cls, value):
         return value if isinstance(value, cls) else cls(**dict(value))
+
+    @property
+    def class_prompts(self):
+        """The class prompts as a tuple (class image j is made from entry j mod len)."""
+        prompt = self.class_prompt
+        return () if prompt is None else (prompt,) if isinstance(prompt, str) else tuple(prompt)
 
 
 def dreambooth_flavour(settings, lora=None):
@@ -130,46 +139,85 @@ def prepare_dreambooth_data(cfg, settings, load_from, device):
     if not instance_files:
         raise DataError(f"the instance folder (dreambooth.instance_data_dir) {instance_dir} holds no images: expected "
                         f"image files ({', '.join(IMAGE_SUFFIXES)}) directly in it")
-    _check_prompts(cfg, settings)
+    tokenizer = _check_prompts(cfg, settings)
+    instance_prompts = [_image_prompt(path, settings.instance_prompt, "dreambooth.instance_prompt", tokenizer)
+                        for path in instance_files]
     cache = Path(settings.cache_dir) if settings.cache_dir else Path(cfg.work_dir) / CACHE_DIR
     instances = [_image_target(cfg, path) for path in instance_files]  # decodes each image: a bad one is named here
-    prompts = [settings.instance_prompt]
-    classes = []
+    classes, class_prompts = [], []
     if settings.with_prior_preservation:
         class_files, made = _class_images(cfg, settings, load_from, device, cache,
                                           [size for _, size, _, _ in instances])
         classes = [_image_target(cfg, path) for path in class_files]
-        prompts.append(settings.class_prompt)
-        log.info(f"DreamBooth: {len(class_files)} class images of {settings.class_prompt!r} in "
+        single = settings.class_prompt if isinstance(settings.class_prompt, str) else None
+        class_prompts = [_image_prompt(path, single, "dreambooth.class_prompt", tokenizer) for path in class_files]
+        log.info(f"DreamBooth: {len(class_files)} class images of {_describe_prompts(class_prompts)} in "
                  f"{class_files[0].parent} ({made} generated now)")
-    captions = _t5_features(cfg, prompts, cache, device)
+    captions = _t5_features(cfg, list(dict.fromkeys(instance_prompts + class_prompts)), cache, device)
     features = _vae_features(cfg, instances + classes, cache, device)
 
-    def cached(targets, prompt, feats):
+    def cached(targets, prompts, feats):
         return [CachedImage(str(path), feat, *captions[prompt], hw, ratio, bucket)
-                for (path, _, hw, (ratio, bucket)), feat in zip(targets, feats)]
+                for (path, _, hw, (ratio, bucket)), prompt, feat in zip(targets, prompts, feats, strict=True)]
 
-    dataset = DreamBoothData(cached(instances, settings.instance_prompt, features[:len(instances)]),
-                             cached(classes, settings.class_prompt, features[len(instances):]),
+    dataset = DreamBoothData(cached(instances, instance_prompts, features[:len(instances)]),
+                             cached(classes, class_prompts, features[len(instances):]),
                              dataset_dir=instance_dir, multi_scale=cfg.multi_scale)
-    log.info(f"DreamBooth: {len(instances)} instance images of {settings.instance_prompt!r} in {instance_dir}; "
-             f"{len(dataset)} items; features cached in {cache}")
+    log.info(f"DreamBooth: {len(instances)} instance images of {_describe_prompts(instance_prompts)} in "
+             f"{instance_dir}; {len(dataset)} items; features cached in {cache}")
     return dataset
 
 
+def _describe_prompts(prompts):
+    unique = list(dict.fromkeys(prompts))
+    return repr(unique[0]) if len(unique) == 1 else f"{len(unique)} prompts"
+
+
+def caption_file(image_path):
+    """The caption file of an image: the same name with `.txt`."""
+    return Path(image_path).with_suffix(".txt")
+
+
+def _image_prompt(path, default, key, tokenizer):
+    """An image's prompt: its caption file's text, else `default` (the config's prompt `key`)."""
+    from diffusion.pipeline import PromptError, check_prompt_length
+    file = caption_file(path)
+    if not file.exists():
+        if default is None:
+            raise DataError(f"{path} has no caption file {file.name}: with a list as {key}, every image of the class "
+                            f"folder needs its own (the class images this run generates get one)")
+        return default
+    try:
+        text = file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read the caption file {file}: {err}") from None
+    if not text:
+        raise DataError(f"the caption file {file} is empty: expected the image's prompt (or remove the file to use "
+                        f"{key})")
+    try:
+        check_prompt_length(tokenizer, text, what=f"the caption file {file}")
+    except PromptError as err:
+        raise DataError(str(err)) from None
+    return text
+
+
 def _check_prompts(cfg, settings):
-    """A prompt longer than the model's caption length is refused before anything loads (T5 would cut it)."""
+    """A prompt longer than the model's caption length is refused before anything loads (T5 would cut it); returns
+    the tokenizer, for the caption files."""
     from diffusion.model.t5 import CaptionTokenizer
     from diffusion.pipeline import PromptError, check_prompt_length, t5_folder
     tokenizer = CaptionTokenizer(t5_folder(None, cfg), model_max_length=cfg.model_max_length)
     checked = [("dreambooth.instance_prompt", settings.instance_prompt)]
     if settings.with_prior_preservation:
-        checked.append(("dreambooth.class_prompt", settings.class_prompt))
+        prompts = settings.class_prompts
+        checked += [("dreambooth.class_prompt" + ("" if isinstance(settings.class_prompt, str) else f"[{i}]"), p)
+                    for i, p in enumerate(prompts)]
     for key, prompt in checked:
         try:
             check_prompt_length(tokenizer, prompt, what=f"config key {key!r}")
         except PromptError as err:
             raise ConfigError(str(err)) from None
+    return tokenizer
 
 
 def _buckets(cfg):
@@ -213,32 +261,42 @@ def _class_image_name(j):
     return f"generated_{j:05d}.png"
 
 
+def _class_prompt_of(settings, j):
+    prompts = settings.class_prompts
+    return prompts[j % len(prompts)]
+
+
 def _generate_class_images(cfg, settings, load_from, device, folder, jobs):
     """Sample the class prompt with the base model through the shared pipeline, one PNG per job (j, (h, w))."""
     from torchvision.transforms.functional import to_pil_image
 
     from diffusion.pipeline import load_pipeline
-    from diffusion.utils.fileio import save_png
+    from diffusion.utils.fileio import atomic_write_text, save_png
     if not load_from:
         raise ConfigError("dreambooth.with_prior_preservation makes class images with the base model: give "
                           "--load-from CKPT (or the config's load_from)")
     logging.getLogger("pixart.train").info(
-        f"DreamBooth: generating {len(jobs)} class images of {settings.class_prompt!r} with {load_from} "
-        f"({settings.class_sampler}, {settings.class_sampling_steps} steps, guidance {settings.class_cfg_scale}) "
-        f"into {folder}")
+        f"DreamBooth: generating {len(jobs)} class images of {_describe_prompts(settings.class_prompts)} with "
+        f"{load_from} ({settings.class_sampler}, {settings.class_sampling_steps} steps, guidance "
+        f"{settings.class_cfg_scale}) into {folder}")
     pipe = load_pipeline(load_from, config=cfg, device=device)
-    features, mask = pipe.encode([settings.class_prompt])
+    prompts = list(dict.fromkeys(settings.class_prompts))
+    features, mask = pipe.encode(prompts)
     pipe.free_text_encoder()
+    row = {prompt: i for i, prompt in enumerate(prompts)}
     by_size = {}
     for j, size in jobs:
         by_size.setdefault(tuple(size), []).append(j)
     for (height, width), numbers in by_size.items():
         for start in range(0, len(numbers), settings.sample_batch_size):
             chunk = numbers[start:start + settings.sample_batch_size]
-            images = pipe.sample(features.expand(len(chunk), -1, -1), mask.expand(len(chunk), -1), height, width,
+            rows = torch.tensor([row[_class_prompt_of(settings, j)] for j in chunk], device=features.device)
+            images = pipe.sample(features[rows], mask[rows], height, width,
                                  [cfg.seed + j for j in chunk], settings.class_sampler,
                                  settings.class_sampling_steps, settings.class_cfg_scale)
             for j, image in zip(chunk, images.cpu()):
+                if not isinstance(settings.class_prompt, str):  # the caption first: a PNG never lacks its prompt
+                    atomic_write_text(caption_file(folder / _class_image_name(j)), _class_prompt_of(settings, j))
                 save_png(folder / _class_image_name(j), to_pil_image(image))
     del pipe
     _free_memory()

@@ -340,6 +340,9 @@ def _numbers(count, text, accepts):
 
 _FLAG = _Rule(lambda v: isinstance(v, bool), 'True or False')
 _PROMPT = _Rule(lambda v: isinstance(v, str) and v.strip() != '', "a non-empty prompt such as 'a photo of sks dog'")
+_PROMPTS = _Rule(lambda v: (isinstance(v, str) and v.strip() != '') or (
+    isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, str) and x.strip() != '' for x in v)),
+    "a non-empty prompt such as 'a photo of dog', or a non-empty list of them")
 _PATH = _Rule(lambda v: isinstance(v, str) and v != '', 'a non-empty string')
 _UNUSED = 'a released key the reference never applies (windowed attention / relative positions)'
 _RESUME = ('a resume restores the whole training state; start from chosen weights with load_from / --load-from '
@@ -420,7 +423,7 @@ VALUE_RULES = {
     'dreambooth.instance_data_dir': _PATH,
     'dreambooth.instance_prompt': _PROMPT,
     'dreambooth.with_prior_preservation': _FLAG,
-    'dreambooth.class_prompt': _or_none(_PROMPT, 'None: no prior preservation'),
+    'dreambooth.class_prompt': _or_none(_PROMPTS, 'None: no prior preservation'),
     'dreambooth.class_data_dir': _or_none(_PATH, 'None: a folder of the cache'),
     'dreambooth.num_class_images': _integer(1),
     'dreambooth.prior_loss_weight': _real(0),
