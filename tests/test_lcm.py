@@ -260,6 +260,35 @@ def test_lcm_lora_trains_the_adapter_only_and_resumes_exactly(train_config, tmp_
     assert not any(p.requires_grad for n, p in flavour.model.named_parameters() if not is_adapter_key(n))
 
 
+def test_two_processes_match_one_process_with_twice_the_batch(train_config, tmp_path, teacher_file):
+    """LCM-LoRA with ema_decay 0 under DDP: the targets come from the wrapped student itself, without gradient;
+    scripts/train.py picks the flavour from the config."""
+    import subprocess
+    import sys
+
+    from diffusion.train import state as ckpt
+    from diffusion.utils.checkpoint import read_checkpoint
+    overrides = {"lora": {**LORA, "dropout": 0.0}, "ema_decay": 0.0, "max_steps": 2}
+    one = lcm_run(train_config, tmp_path / "one", teacher_file, {**overrides, "train_batch_size": 8})
+    options = [f"{key}={value!r}" for key, value in {**LCM, **overrides, "train_batch_size": 4}.items()]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
+                          str(REPO / "scripts" / "train.py"), str(train_config), "--report-to", "none", "--load-from",
+                          str(teacher_file), "--work-dir", str(tmp_path / "two"), "--cfg-options", *options],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    b = read_checkpoint(ckpt.list_checkpoints(tmp_path / "two")[-1])
+    assert b["flavour"]["name"] == "lcm-lora" and b["world_size"] == 2
+    assert_states_equal(final_state(one), b, atol=1e-5)
+
+
+def test_bf16_mixed_precision_lcm_trains_on_cpu(train_config, tmp_path, teacher_file):
+    """The teacher and the target network run under the student's autocast."""
+    state = final_state(lcm_run(train_config, tmp_path / "run", teacher_file, {"max_steps": 2,
+                                                                               "mixed_precision": "bf16"}))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state["state_dict"].values())
+    assert all(torch.isfinite(v).all() for v in state["flavour"]["averaged"]["target"].values())
+
+
 def test_a_resume_from_another_teacher_is_refused(train_config, tmp_path, teacher_file):
     lcm_run(train_config, tmp_path / "run", teacher_file, {"max_steps": 1})
     other = tmp_path / "other.pth"
