@@ -110,7 +110,7 @@ class LCMFlavour(TrainingFlavour):
 
     def loss(self, model, diffusion, batch, epoch, cfg, device, vae=None, companions=None):
         """The consistency loss of one micro-batch, and per-sample terms (`distance`: each sample's mean distance,
-        `index`: its DDIM step)."""
+        `ddim_index`: its DDIM step n)."""
         solver = DDIMSolver(diffusion.alphas_cumprod, cfg.num_ddim_timesteps)
         x, y, mask, data_info = batch
         x, y, mask = x.to(device), y.to(device), mask.to(device)
