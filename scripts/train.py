@@ -72,7 +72,7 @@ def main(argv=None):
                                resume_from=args.resume_from or cfg.resume_from.get("checkpoint"),
                                load_from=args.load_from or cfg.load_from, report_to=args.report_to,
                                debug=args.debug, allow_used_work_dir=args.allow_used_work_dir)
-        result = train(cfg, options, flavour_from_config(cfg))  # LCM, DreamBooth, LoRA or ControlNet when the config sets them
+        result = train(cfg, options, flavour_from_config(cfg))  # LCM, DreamBooth, LoRA, ControlNet: as the config says
     except Exception as err:
         if not isinstance(err, EXPECTED_ERRORS) and not getattr(err, "__notes__", None):
             raise  # a failure before training started that no check names: the traceback is the report
