@@ -1,5 +1,7 @@
 """Sampling latency: 20-step DPM-Solver++ with classifier-free guidance (one batch of [cond; uncond]) driving our
-PixArt or diffusers' PixArtTransformer2DModel with the same weights, in one process, timed alternately.
+PixArt or diffusers' PixArtTransformer2DModel with the same weights, in one process, timed alternately. With
+--lcm-steps N also an LCM student's N-step sampling without guidance (the lcm sampler, PIXART-delta), in the same
+rounds: a distilled student has the teacher's architecture, so the same weights stand in for it.
 
 The solver, guidance, null caption (our `y_embedding`, given to both) and inputs are shared: diffusers' model
 is driven through a small adapter with our `forward_with_dpmsolver` signature, so only the transformer
@@ -8,6 +10,7 @@ this project ships no such weights, so by default the table has the transformer 
 
     python bench/bench_sample.py --preset cpu                  # mid-size model on the CPU
     python bench/bench_sample.py --preset xl --size 1024       # the XL/2 1024-MS on a GPU, bf16
+    python bench/bench_sample.py --preset cpu --lcm-steps 4 --no-diffusers   # LCM student 4 vs teacher 20 steps
 """
 import sys
 from pathlib import Path
@@ -23,9 +26,10 @@ from common import (BASELINE_NAME, DTYPES, MAX_CAPTION_TOKENS, PRESETS, alternat
 from diffusion import DPMS
 from diffusion.model.guidance import cfg_inputs, guided_model
 from diffusion.release import VAE_DOWNSAMPLE
-from diffusion.sampling import sample_dpm_solver
+from diffusion.sampling import sample_dpm_solver, sample_lcm
 
 CFG_SCALE = 4.5
+LCM_NAME = "LCM student"
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 4k"
 
 
@@ -57,6 +61,15 @@ def pipeline_sampler(model, data_info, steps):
         inputs = cfg_inputs(cond, dict(cond, y=null), len(y))
         inputs["y"] = model.encode_captions(inputs["y"], inputs.pop("mask"))
         return sample_dpm_solver(guided_model(model, inputs, CFG_SCALE), z, steps)
+    return sample
+
+
+def lcm_sampler(model, data_info, steps):
+    """`sample(z, y, mask)` as `Pipeline.sample` runs a distilled model: the captions (no null caption: no guidance)
+    encoded once, then the registered lcm sampler for `steps` steps."""
+    def sample(z, y, mask):
+        inputs = dict(y=model.encode_captions(y, mask), data_info=data_info)
+        return sample_lcm(guided_model(model, inputs), z, steps)
     return sample
 
 
@@ -101,6 +114,10 @@ def run(args):
     samplers = {name: sampler(fn, null, info, args.steps) for name, fn in forwards.items()}
     if not args.baseline:
         samplers["ours"] = pipeline_sampler(ours, info, args.steps)
+    steps_of = {name: args.steps for name in samplers}
+    if args.lcm_steps:
+        samplers[LCM_NAME] = lcm_sampler(ours, info, args.lcm_steps)
+        steps_of[LCM_NAME] = args.lcm_steps
 
     agreement = None
     if theirs is not None:
@@ -118,31 +135,45 @@ def run(args):
         memory = {}
         models = {"ours": ours, BASELINE_NAME: base, "diffusers": theirs}
         for name in samplers:
-            others = [m for other, m in models.items() if other != name]
+            owner = "ours" if name == LCM_NAME else name  # the student runs on our model's weights
+            others = [m for other, m in models.items() if other != owner]
             memory[name] = peak_memory(fns[name], args.device, resident_bytes(*others))
 
     results = []
     for name, secs in samples.items():
         reference = "diffusers end to end" if name.endswith("end to end") else "diffusers"
+        teacher = "ours end to end" if name.endswith("end to end") else "ours"
         s = median(secs)
-        results.append(dict(model=name, seconds=s, ms_per_step=1000 * s / args.steps, seconds_per_round=secs,
+        steps = steps_of[name.removesuffix(" end to end")]
+        results.append(dict(model=name, steps=steps, guided=not name.startswith(LCM_NAME), seconds=s,
+                            ms_per_step=1000 * s / steps, seconds_per_round=secs,
                             ratio_vs_diffusers=paired_ratio(samples[reference], secs) if reference in samples else None,
                             speedup_vs_options_off=(paired_ratio(samples[BASELINE_NAME], secs)
                                                     if BASELINE_NAME in samples else None),
+                            speedup_vs_ours=(paired_ratio(samples[teacher], secs)
+                                             if args.lcm_steps and teacher in samples else None),
                             peak_memory_bytes=memory.get(name)))
     config = dict(preset=args.preset, size=args.size, batch=batch, cfg_batch=2 * batch, dtype=args.dtype,
-                  steps=args.steps, cfg_scale=CFG_SCALE, compile=args.compile, baseline=args.baseline,
+                  steps=args.steps, lcm_steps=args.lcm_steps, cfg_scale=CFG_SCALE, compile=args.compile,
+                  baseline=args.baseline,
                   with_baseline=args.with_baseline,
                   compile_diffusers=args.compile_diffusers, caption_len=args.caption_len,
                   multi_scale=args.size >= 1024, model_shape=args.shape)
     payload = dict(bench="sample", config=config, environment=environment(args), agreement_rel_error=agreement,
                    results=results)
-    title = (f"{args.steps}-step DPM-Solver++ with CFG, {args.preset} preset, {args.size} px, {batch} image(s), "
+    title = (f"{args.steps}-step DPM-Solver++ with CFG{f' and {args.lcm_steps}-step LCM' if args.lcm_steps else ''}, "
+             f"{args.preset} preset, {args.size} px, {batch} image(s), "
              f"{args.dtype}, prompt of {args.caption_len} tokens{', compiled' if args.compile else ''}"
              f"{', baseline' if args.baseline else ''}")
-    rows = [[r["model"], fmt(r["seconds"]), fmt(r["ms_per_step"]), fmt(r["ratio_vs_diffusers"]),
-             fmt(r["speedup_vs_options_off"]), gib(r["peak_memory_bytes"])] for r in results]
-    print_table(title, ["model", "s / image", "ms / step", "vs diffusers", "vs options off", "peak GiB"], rows)
+    header = ["model", "steps", "s / image", "ms / step", "vs diffusers", "vs options off", "peak GiB"]
+    rows = [[r["model"], f"{r['steps']}{'' if r['guided'] else ', no CFG'}", fmt(r["seconds"]), fmt(r["ms_per_step"]),
+             fmt(r["ratio_vs_diffusers"]), fmt(r["speedup_vs_options_off"]), gib(r["peak_memory_bytes"])]
+            for r in results]
+    if args.lcm_steps:
+        header.insert(5, f"vs ours {args.steps} steps")
+        for row, r in zip(rows, results):
+            row.insert(5, fmt(r["speedup_vs_ours"]))
+    print_table(title, header, rows)
     write_json(args.json, payload)
     return payload
 
@@ -151,6 +182,8 @@ def build_parser():
     p = common_parser(__doc__.split("\n\n")[0])
     p.set_defaults(rounds=3, warmup=1)
     p.add_argument("--steps", type=int, default=20, help="solver steps (model calls, each on the CFG batch)")
+    p.add_argument("--lcm-steps", type=int, default=0,
+                   help="also time an LCM student's sampling in this many steps, without guidance (0: not)")
     p.add_argument("--t5", help="local T5 folder (t5-v1_1-xxl layout): with --vae, also time end to end")
     p.add_argument("--vae", help="local diffusers AutoencoderKL folder (sd-vae-ft-ema): with --t5, end to end")
     return p

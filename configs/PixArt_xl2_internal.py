@@ -45,6 +45,19 @@ controlnet = False  # train a ControlNet over the load_from model: the base froz
 copy_blocks_num = 13  # base blocks the ControlNet copies (the released ControlNets: 13 of 28)
 control_condition = 'canny'  # condition features the dataset reads (<condition>_feature_<S>/): 'canny' or 'hed'
 
+# ---------------------------------------------------------------- LCM distillation (diffusion/train/lcm.py)
+# lcm = True distils the --load-from model (the teacher, frozen) into a latent consistency model sampled in 1-8 steps
+# without guidance (sampler 'lcm'): every weight, or a LoRA adapter (LCM-LoRA) when `lora` is set too. The teacher is
+# guided with w = cfg_scale in the LCM paper's form cond + w (cond - uncond) (usual scale w + 1). The values below
+# are those of the reference's configs/pixart_config/PixArt_xl2_img1024_lcm.py.
+lcm = False  # train a latent consistency model distilled from the load_from model (needs train_sampling_steps 1000)
+loss_type = 'huber'  # LCM: distance of student and target, 'huber' (pseudo-Huber with huber_c) or 'l2'
+huber_c = 0.001  # LCM: the pseudo-Huber constant c of mean(sqrt((p - t)^2 + c^2) - c)
+num_ddim_timesteps = 50  # LCM: steps of the DDIM grid the teacher is solved on ((1..N) * 1000 // N - 1)
+ema_decay = 0.95  # LCM: EMA rate of the target network; 0: the student itself (the reference's LCM-LoRA)
+w_min = 3.0  # inert, read by nothing (INERT_KEYS), as in the reference: low end of a guidance-scale range
+w_max = 15.0  # inert, read by nothing (INERT_KEYS), as in the reference: high end of a guidance-scale range
+
 # ---------------------------------------------------------------- diffusion
 train_sampling_steps = 1000  # diffusion steps used in training
 eval_sampling_steps = 250  # inert, read by nothing (INERT_KEYS): sampler steps used for evaluation images
@@ -114,7 +127,7 @@ keep_last_n = None  # keep only the run's newest N checkpoints (its run dir's ch
 max_nonfinite_steps = 20  # consecutive steps with a non-finite loss/gradients before the run stops
 eval_interval = 0  # steps between validation grids of validation_prompts in work_dir/vis (0 = never)
 validation_prompts = []  # prompts sampled with the EMA weights every eval_interval steps
-validation_steps = 20  # DPM-Solver++ steps for the validation grids
+validation_steps = 20  # DPM-Solver++ steps for the validation grids (an LCM run's: lcm sampler, 4 steps)
 log_interval = 50  # steps between log lines
 tensorboard_mox_interval = 50  # inert, read by nothing (INERT_KEYS): steps between tensorboard syncs to remote storage
 work_dir = '/cache/exps/'  # output directory for checkpoints and logs

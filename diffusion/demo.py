@@ -1,7 +1,8 @@
 """The Gradio demo: prompt in, images out, with the sampler's progress and clear messages for bad input (a prompt
 or negative prompt over the model's token limit is refused, as scripts/inference.py refuses it). A ControlNet model
 adds a control image, its condition (Canny, HED with an annotator network, or an edge map) and the conditioning
-scale; the edge map used is shown beside the images."""
+scale; the edge map used is shown beside the images. Distilled (LCM) models sample with the LCM sampler: 1-8 steps,
+the guidance slider off."""
 import random
 import threading
 import warnings
@@ -14,9 +15,11 @@ from diffusion.data.aspect_ratios import aspect_ratio_table
 from diffusion.data.conditions import ConditionResizedWarning, control_latent, make_condition
 from diffusion.model.nets import ControlPixArtHalf
 from diffusion.pipeline import DEFAULT_STEPS, PromptError, check_prompt_length
+from diffusion.sampling import get_sampler
 
-SAMPLER_CHOICES = {"DPM-Solver": "dpm-solver", "SA-Solver": "sa-solver", "IDDPM": "iddpm"}
-STEP_LIMITS = {"dpm-solver": (5, 50), "sa-solver": (10, 50), "iddpm": (10, 250)}
+# LCM: distilled models (4 steps, no guidance: the guidance slider is off while it is chosen)
+SAMPLER_CHOICES = {"DPM-Solver": "dpm-solver", "SA-Solver": "sa-solver", "IDDPM": "iddpm", "LCM": "lcm"}
+STEP_LIMITS = {"dpm-solver": (5, 50), "sa-solver": (10, 50), "iddpm": (10, 250), "lcm": (1, 8)}
 CONDITION_CHOICES = {"Canny": "canny", "HED": "hed", "Edge map": "image"}  # "HED" only with an annotator network
 MAX_CONDITIONING_SCALE = 2.0
 MAX_IMAGES = 4
@@ -144,6 +147,8 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
                                     progress=lambda step, n: progress((step, n), desc="sampling", unit="steps"))
         pictures = [_to_pil(image) for image in images]
         used = f" with LoRA {adapter_label} x {float(lora_scale):g}" if adapter else ""
+        if not get_sampler(algo).guided:
+            used += f" in {total} {sampler_label} step(s), without guidance"
         status = f"Generated {count} image(s) of {height} x {width} with seed {seed}{used}."
         if not controlnet:
             return pictures, seed, status
@@ -162,9 +167,10 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
                 negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
                 style = gr.Dropdown(list(STYLES), value="(no style)", label="Style")
                 sampler_label = gr.Radio(list(SAMPLER_CHOICES), value=default_sampler, label="Sampler")
-                steps = gr.Slider(5, 250, value=DEFAULT_STEPS[SAMPLER_CHOICES[default_sampler]], step=1,
+                steps = gr.Slider(1, 250, value=DEFAULT_STEPS[SAMPLER_CHOICES[default_sampler]], step=1,
                                   label="Steps")
-                guidance = gr.Slider(1.0, 15.0, value=default_guidance, step=0.1, label="Guidance scale")
+                guidance = gr.Slider(1.0, 15.0, value=default_guidance, step=0.1, label="Guidance scale",
+                                     interactive=get_sampler(SAMPLER_CHOICES[default_sampler]).guided)
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed")
                     randomize = gr.Checkbox(value=True, label="Randomize seed")
@@ -192,8 +198,9 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
                 gallery = gr.Gallery(label="Images", elem_id="gallery", columns=2)
                 status = gr.Markdown(elem_id="status")
                 control_outputs = [gr.Image(label="Condition used", elem_id="condition")] if controlnet else []
-        sampler_label.change(lambda label: gr.update(value=DEFAULT_STEPS[SAMPLER_CHOICES[label]]),
-                             sampler_label, steps)
+        sampler_label.change(lambda label: (gr.update(value=DEFAULT_STEPS[SAMPLER_CHOICES[label]]),
+                                            gr.update(interactive=get_sampler(SAMPLER_CHOICES[label]).guided)),
+                             sampler_label, [steps, guidance])
         run.click(generate, [prompt, negative, style, sampler_label, steps, guidance, seed, randomize, size, count,
                              adapter, lora_scale, *control_inputs], [gallery, seed, status, *control_outputs])
     return demo

@@ -4,6 +4,7 @@ from typing import List, NamedTuple, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .model.consistency import boundary_scalings, ddim_timesteps
 from .model.diffusion_utils import make_generator, randn
 
 
@@ -23,8 +24,7 @@ def lcm_timesteps(num_inference_steps: int, original_inference_steps: int = 50,
     if not 1 <= num_inference_steps <= original_inference_steps <= num_train_timesteps:
         raise ValueError(f"need 1 <= num_inference_steps ({num_inference_steps}) <= original_inference_steps "
                          f"({original_inference_steps}) <= num_train_timesteps ({num_train_timesteps})")
-    stride = num_train_timesteps // original_inference_steps
-    grid = [stride * (i + 1) - 1 for i in range(original_inference_steps)]
+    grid = ddim_timesteps(original_inference_steps, num_train_timesteps).tolist()  # the distillation's grid
     skip = original_inference_steps // num_inference_steps
     return grid[::-1][::skip][:num_inference_steps]
 
@@ -54,9 +54,8 @@ class LCMScheduler:
         self.timesteps = torch.tensor(lcm_timesteps(num_inference_steps, origin, self.num_train_timesteps))
 
     def boundary_scalings(self, timestep: int):
-        """(c_skip, c_out) of the consistency parameterisation, with sigma_data = 0.5."""
-        scaled = timestep * self.timestep_scaling
-        return 0.25 / (scaled ** 2 + 0.25), scaled / (scaled ** 2 + 0.25) ** 0.5
+        """(c_skip, c_out) of the consistency parameterisation, with sigma_data = 0.5 (the distillation's)."""
+        return boundary_scalings(timestep, timestep_scaling=self.timestep_scaling)
 
     def step(self, model_output, timeindex: int, timestep: int, sample, generator=None, return_dict=True):
         """Step `timeindex` (at `timestep`) of the timesteps set by `set_timesteps`.

@@ -120,7 +120,7 @@ def describe_transformer(model_path, config=None, image_size=None):
     before anything loads. A missing `model_path` or a broken diffusers folder fails here."""
     path = Path(model_path)
     if path.is_dir():
-        return describe_diffusers_transformer(path)
+        return describe_diffusers_transformer(path, lcm_without_null_caption=True)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with torch.device("meta"):
@@ -132,11 +132,13 @@ def load_transformer(model_path, config=None, image_size=None, use_ema=True):
     it has them and `use_ema`), a released `.pth`, a `.safetensors` file (diffusers' names too), or a diffusers
     transformer folder. The architecture comes from the folder, or from `config` (a loaded config), or from
     `image_size` (the released XL/2 models: MS at 1024). A ControlNet checkpoint (the released
-    PixArt-XL-2-*-ControlNet.pth layout, told by its `controlnet.*` keys) gives the ControlNet over that model."""
+    PixArt-XL-2-*-ControlNet.pth layout, told by its `controlnet.*` keys) gives the ControlNet over that model. A
+    distilled LCM pipeline folder (PixArt-LCM-XL-2-1024-MS) needs no null caption file: it gets a zero one, which
+    guided sampling refuses."""
     path = Path(model_path)
     copies = 0
     if path.is_dir():
-        arch, state_dict = load_diffusers_transformer(path)
+        arch, state_dict = load_diffusers_transformer(path, lcm_without_null_caption=True)
         model = build_pixart(arch)
     else:
         model = _model_for_file(path, config, image_size)
@@ -159,6 +161,18 @@ def load_transformer(model_path, config=None, image_size=None, use_ema=True):
     else:
         load_state_dict_into(model, state_dict, source=str(path))
     return model.eval().requires_grad_(False)
+
+
+def is_distilled(model_path, loras=()):
+    """Whether a model samples best with the `lcm` sampler (4 steps, no guidance): a distilled LCM pipeline folder
+    (PixArt-LCM-XL-2-1024-MS), an LCM training checkpoint, or an LCM-LoRA training checkpoint among `loras` (paths).
+    A peft adapter folder does not say what it was trained for: choose the sampler yourself for PixArt-LCM-LoRA."""
+    from diffusion.train.lcm import is_distilled_checkpoint
+    from diffusion.utils.diffusers_interop import is_lcm_pipeline
+    path = Path(model_path)
+    if path.is_dir():
+        return is_lcm_pipeline(path)
+    return any(is_distilled_checkpoint(p) for p in [path, *map(Path, loras)] if p.is_file())
 
 
 def pair_lora_scales(paths, scales):
@@ -271,7 +285,12 @@ class Pipeline:
             if negative is not None:
                 uncond_y, uncond_mask = (t.expand(B, *t.shape[1:]).to(self.device) for t in negative)
             else:
-                uncond_y, uncond_mask = self.model.y_embedder.y_embedding[None].expand(B, -1, -1), cond["mask"]
+                null = self.model.y_embedder.y_embedding
+                if not bool(null.any()):
+                    raise ValueError(f"{sampler} guided at {cfg_scale:g} needs a null caption, and this model has none "
+                                     "(a distilled LCM pipeline folder): sample it with the lcm sampler, with guidance "
+                                     "1, or with a negative prompt")
+                uncond_y, uncond_mask = null[None].expand(B, -1, -1), cond["mask"]
             inputs = cfg_inputs(cond, dict(cond, y=uncond_y.to(self.dtype), mask=uncond_mask), B)
         # The caption projection and every block's keys and values, once for all steps.
         captions = self.model.encode_captions(inputs.pop("y"), inputs.pop("mask") if keep_mask else None)
@@ -382,5 +401,6 @@ def load_pipeline(model_path, config=None, image_size=None, t5_path=None, vae_pa
 
 
 __all__ = ["SAMPLERS", "DEFAULT_STEPS", "MIN_STEPS", "PromptError", "PromptJob", "parse_prompt", "resolve_t5_dir",
-           "describe_transformer", "load_transformer", "pair_lora_scales", "load_loras", "Pipeline", "check_steps",
+           "describe_transformer", "load_transformer", "is_distilled", "pair_lora_scales", "load_loras", "Pipeline",
+           "check_steps",
            "check_prompt_length", "t5_folder", "load_tokenizer", "load_vae", "load_pipeline", "CheckpointError"]

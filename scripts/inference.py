@@ -5,6 +5,8 @@
   python scripts/inference.py --config configs/pixart_config/PixArt_toy_shapes.py \\
       --model_path output/toy/checkpoints/epoch_10_step_2000.pth --prompt "a red circle on a blue background"
 
+Distilled models (LCM: an LCM training checkpoint, an LCM-LoRA one as --lora, the PixArt-LCM-XL-2-1024-MS pipeline
+folder) sample with the lcm sampler by default: 4 steps (1-8 are its range), no guidance.
 A prompt may end in `--ar h:w` / `--aspect_ratio h:w` (nearest bucket of a multi-scale model) or `--hw H:W`.
 With `--lora PATH [--lora_scale S]` (repeatable) LoRA adapters act on the model; `--lora_merge` folds them in.
 Prompt i is sampled from seed + i, so an image does not depend on the batch size. Every prompt (its size flag,
@@ -41,11 +43,13 @@ from diffusion.pipeline import (
     check_prompt_length,
     check_steps,
     describe_transformer,
+    is_distilled,
     load_pipeline,
     pair_lora_scales,
     load_tokenizer,
     parse_prompt,
 )
+from diffusion.sampling import get_sampler
 from diffusion.release import DTYPES, RELEASED_IMAGE_SIZES, RELEASED_T5_DIR, RELEASED_VAE_DIR, VAE_DOWNSAMPLE
 from diffusion.utils.checkpoint import CheckpointError
 from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
@@ -74,11 +78,14 @@ def parse_args(argv=None):
     parser.add_argument("--txt_file", help="a UTF-8 text file with one prompt per line (blank lines ignored)")
     parser.add_argument("--negative_prompt", default="",
                         help="caption used for the unconditional half of guidance (default: the null caption)")
-    parser.add_argument("--sampling_algo", choices=SAMPLERS, default="dpm-solver", help="sampler")
+    parser.add_argument("--sampling_algo", choices=SAMPLERS,
+                        help="sampler (default: lcm, 4 steps without guidance, for distilled models: an LCM pipeline "
+                             "folder, an LCM or LCM-LoRA training checkpoint; else dpm-solver)")
     parser.add_argument("--step", type=positive_int,
                         help=f"sampling steps (default: the sampler's, {DEFAULT_STEPS}; dpm-solver and sa-solver "
                              "take 2 or more)")
-    parser.add_argument("--cfg_scale", type=finite_float, default=4.5, help="classifier-free guidance scale")
+    parser.add_argument("--cfg_scale", type=finite_float, default=4.5,
+                        help="classifier-free guidance scale (lcm samples without guidance: not used)")
     parser.add_argument("--cfg_compat", choices=("fixed", "official"), default="fixed",
                         help="iddpm only: 'official' reproduces the reference's guidance (channels 0-2; see README)")
     parser.add_argument("--seed", type=seed_value, default=0, help=f"prompt i uses seed + i (0 to {MAX_SEED})")
@@ -181,9 +188,10 @@ def main(argv=None):
 
 def run(args):
     # Everything a user typed is checked before any weights load: options, prompts, their sizes and token counts.
-    steps = args.step if args.step is not None else DEFAULT_STEPS[args.sampling_algo]
+    sampler = args.sampling_algo or ("lcm" if is_distilled(args.model_path, args.lora) else "dpm-solver")
+    steps = args.step if args.step is not None else DEFAULT_STEPS[sampler]
     try:
-        check_steps(args.sampling_algo, steps)
+        check_steps(sampler, steps)
     except ValueError as err:
         raise ValueError(f"--step {steps}: {err}") from None
     prompts = read_prompts(args)
@@ -232,7 +240,7 @@ def run(args):
                                                              pipe.scale_factor, args.condition, hed)
                 extra = dict(c=controls[size], conditioning_scale=conditioning_scale)
             images.update(zip(members, pipe.sample(
-                features, mask, size[0], size[1], [jobs[i].seed for i in members], args.sampling_algo, steps,
+                features, mask, size[0], size[1], [jobs[i].seed for i in members], sampler, steps,
                 args.cfg_scale, negative=neg, cfg_compat=args.cfg_compat, extra_inputs=extra)))
         for i in group:
             job = jobs[i]
@@ -240,8 +248,9 @@ def run(args):
             path = save_numbered_png(out_dir, lambda n: f"{n:04d}_{slug(job.prompt)}_s{job.seed}.png",
                                      to_pil_image(images[i].cpu()))
             append_jsonl(out_dir / "metadata.jsonl", {
-                "file": path.name, "prompt": job.prompt, "seed": job.seed, "sampler": args.sampling_algo,
-                "steps": steps, "cfg_scale": args.cfg_scale, "height": job.height, "width": job.width,
+                "file": path.name, "prompt": job.prompt, "seed": job.seed, "sampler": sampler,
+                "steps": steps, "cfg_scale": args.cfg_scale if get_sampler(sampler).guided else None,
+                "height": job.height, "width": job.width,
                 "negative_prompt": args.negative_prompt, "checkpoint": str(args.model_path),
                 "loras": [{"path": str(p), "scale": w} for p, w in loras], "lora_merge": args.lora_merge,
                 **({} if control_image is None else {"control_image": str(args.control_image),

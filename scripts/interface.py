@@ -4,6 +4,8 @@
   python scripts/interface.py           # then open http://127.0.0.1:7860
 
   python scripts/interface.py --lora output/my_lora/adapter --lora output/other_lora/adapter   # + a LoRA picker
+  python scripts/interface.py --config configs/pixart_config/PixArt_toy_lcm.py \
+      --model_path output/lcm_toy/train/checkpoints/<newest>.pth      # a distilled model: opens in LCM mode
   python scripts/interface.py --image_size 1024 --model_path output/pretrained_models/PixArt-XL-2-1024-MS.pth \\
       --t5_path output/pretrained_models/t5_ckpts --vae_path output/pretrained_models/sd-vae-ft-ema
   python scripts/interface.py --image_size 1024 --model_path output/pretrained_models/PixArt-XL-2-1024-ControlNet.pth \\
@@ -18,7 +20,7 @@ import argparse
 
 import torch
 
-from diffusion.pipeline import load_pipeline
+from diffusion.pipeline import is_distilled, load_pipeline
 from diffusion.release import DTYPES, RELEASED_IMAGE_SIZES, RELEASED_T5_DIR, RELEASED_VAE_DIR
 from diffusion.train.state import list_checkpoints
 from diffusion.utils.arguments import device_name, positive_int
@@ -46,6 +48,10 @@ def parse_args(argv=None):
     parser.add_argument("--lora", action="append", default=[], metavar="PATH",
                         help="LoRA adapter the demo offers in its picker: a peft folder or a LoRA training checkpoint "
                              "(repeatable)")
+    parser.add_argument("--lcm", action="store_true",
+                        help="open in LCM mode (the lcm sampler, 4 steps, guidance off), e.g. for a PixArt-LCM-LoRA "
+                             "peft folder; automatic for distilled models (an LCM pipeline folder, an LCM or LCM-LoRA "
+                             "training checkpoint)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
@@ -82,6 +88,8 @@ def build(args):
                          vae_path=args.vae_path, device=args.device, dtype=DTYPES[args.dtype],
                          t5_device=args.t5_device, loras=[(path, 1.0) for path in args.lora])
     options = toy_demo_options(cfg)
+    if args.lcm or is_distilled(model_path, args.lora):
+        options["default_sampler"] = "LCM"
     if args.hed_checkpoint:
         from diffusion.model.hed import load_hed
         options["hed"] = load_hed(args.hed_checkpoint, args.device)

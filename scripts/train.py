@@ -51,7 +51,8 @@ def parse_args(argv=None):
                              "touched (without it such a start is refused)")
     parser.add_argument("--load-from", "--load_from", dest="load_from", metavar="CKPT",
                         help="initialise the weights from a checkpoint (released .pth included); non-strict, "
-                             "with a report of keys that did not match; training state starts fresh")
+                             "with a report of keys that did not match; training state starts fresh (an LCM run's "
+                             "teacher: read again, strictly, at every start, resumes included)")
     parser.add_argument("--report-to", "--report_to", dest="report_to", default="tensorboard",
                         help="experiment tracker for accelerate: tensorboard (default), none, or another tracker "
                              "accelerate supports (wandb, ...)")
@@ -71,7 +72,7 @@ def main(argv=None):
                                resume_from=args.resume_from or cfg.resume_from.get("checkpoint"),
                                load_from=args.load_from or cfg.load_from, report_to=args.report_to,
                                debug=args.debug, allow_used_work_dir=args.allow_used_work_dir)
-        result = train(cfg, options, flavour_from_config(cfg))  # DreamBooth, LoRA or ControlNet when the config sets them
+        result = train(cfg, options, flavour_from_config(cfg))  # LCM, DreamBooth, LoRA, ControlNet: as the config says
     except Exception as err:
         if not isinstance(err, EXPECTED_ERRORS) and not getattr(err, "__notes__", None):
             raise  # a failure before training started that no check names: the traceback is the report

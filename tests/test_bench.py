@@ -52,3 +52,14 @@ def test_sample_bench_names_a_t5_folder_without_config(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_sample.py"), *TINY, "--t5", str(tmp_path),
                            "--vae", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and str(tmp_path / "config.json") in done.stderr
+
+
+def test_sample_bench_times_an_lcm_student_against_the_guided_teacher_in_the_same_rounds(tmp_path):
+    payload, stdout = run_bench("bench_sample", "--steps", "3", "--lcm-steps", "2", "--no-diffusers",
+                                tmp_path=tmp_path)
+    rows = {r["model"]: r for r in payload["results"]}
+    assert set(rows) == {"ours", "LCM student"}
+    assert (rows["LCM student"]["steps"], rows["LCM student"]["guided"]) == (2, False)
+    assert rows["ours"]["steps"] == 3 and rows["ours"]["speedup_vs_ours"] == 1.0
+    assert rows["LCM student"]["speedup_vs_ours"] > 0 and payload["config"]["lcm_steps"] == 2
+    assert "| LCM student | 2, no CFG" in stdout and "vs ours 3 steps" in stdout

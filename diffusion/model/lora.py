@@ -29,6 +29,12 @@ TARGET_GROUPS = {
     "mlp": ("mlp.fc1", "mlp.fc2"),
     "t_block": ("t_block.1",),  # the shared adaLN-single projection
     "caption_projection": ("y_embedder.y_proj.fc1", "y_embedder.y_proj.fc2"),
+    # the released PixArt-LCM-LoRA's targets, diffusers' to_q/k/v, to_out.0, ff.net.*, proj (the patch conv too),
+    # linear (adaLN-single), linear_1/2 (timestep, caption and size embedders) and proj_out, in our names
+    "lcm_lora": ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj", "mlp.fc1",
+                 "mlp.fc2", "x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2", "t_block.1",
+                 "y_embedder.y_proj.fc1", "y_embedder.y_proj.fc2", "csize_embedder.mlp.0", "csize_embedder.mlp.2",
+                 "ar_embedder.mlp.0", "ar_embedder.mlp.2", "final_layer.linear"),
 }
 DEFAULT_TARGETS = ("self_attention", "cross_attention", "mlp")
 ADAPTER_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector")

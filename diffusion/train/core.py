@@ -141,8 +141,8 @@ def seed_process(seed, rank):
 
 def train(cfg, options, flavour=None):
     """Run (or resume) a training run described by a loaded config; returns a TrainResult. `flavour` defaults to
-    the config's (`flavour_from_config`: DreamBooth when `dreambooth` is set, LoRA when `lora` is, else full
-    training)."""
+    the config's (`flavour_from_config`: LCM when `lcm` is set, DreamBooth when `dreambooth` is, LoRA when `lora`
+    is, ControlNet when `controlnet` is, else full training)."""
     flavour = flavour or flavour_from_config(cfg)
     work_dir = Path(options.work_dir)
     cfg = cfg.with_overrides({"work_dir": str(work_dir)})
@@ -180,7 +180,8 @@ def train(cfg, options, flavour=None):
     plan = RunPlan.for_run(cfg, world, len(data.batch_sampler))
 
     # ------------------------------------------------------------ resume (weights before wrapping)
-    learner = build_learner(model, diffusion, flavour, strategy, cfg, plan, checkpoint, resume_path)
+    learner = build_learner(model, diffusion, flavour, strategy, cfg, plan, checkpoint, resume_path,
+                            options.load_from)
     trained = sum(p.numel() for group in learner.optimizer.param_groups for p in group["params"])
     log.info(f"{sum(p.numel() for p in learner.ema.model.parameters()):,} parameters ({trained:,} trained, "
              f"{flavour.name} flavour); {len(data.dataset)} records; {_describe(plan, cfg)}")
@@ -245,9 +246,10 @@ def _loop(run, plan, data, learner, strategy, cfg, placement, reporter, stop, lo
                 break
 
 
-def build_learner(model, diffusion, flavour, strategy, cfg, plan, checkpoint=None, source=None):
+def build_learner(model, diffusion, flavour, strategy, cfg, plan, checkpoint=None, source=None, load_from=None):
     """Resume the weights (before wrapping, so FSDP shards the resumed ones), copy the EMAs from them, then let the
-    strategy wrap the model and build the optimizer over the flavour's trainable parameters."""
+    strategy wrap the model and build the optimizer over the flavour's trainable parameters. `load_from`: the
+    run's --load-from weights, for the flavour's frozen modules (LCM's teacher)."""
     device = strategy.accelerator.device
     if checkpoint is not None:
         flavour.load_weights(model, checkpoint["state_dict"], source=source)
@@ -267,7 +269,7 @@ def build_learner(model, diffusion, flavour, strategy, cfg, plan, checkpoint=Non
     lr_scheduler = build_lr_scheduler(optimizer, cfg.lr_schedule, cfg.lr_schedule_args.get("num_warmup_steps", 0),
                                       plan.total_steps)
     return Learner(flavour, diffusion, model, optimizer, lr_scheduler, ema, averaged,
-                   flavour.frozen_modules(cfg, device))
+                   flavour.frozen_modules(cfg, device, load_from))
 
 
 def train_step(batches, run, learner, strategy, cfg, vae, log):

@@ -20,7 +20,7 @@ class TrainingFlavour:
     after each optimizer step (gathering FSDP shards; only trainable parameters change) and saves and resumes them
     with the run.
 
-    What each planned flavour will override:
+    What each flavour overrides:
     - LoRA (`diffusion/train/lora.py`): `wrap_model` (adapters into the loaded model, every base weight frozen),
       `trainable_parameters` (the adapters), `weights_to_save` / `load_weights` (the adapters only; the base comes
       from `--load-from` again), `extra_state` (the adapter's shape and the base weights' fingerprint).
@@ -32,11 +32,11 @@ class TrainingFlavour:
       zero-initialised projections, copied after the base's weights are in), `trainable_parameters` (the copy),
       `extra_model_kwargs` (the batch's control latent passed to the model as `c`); it saves the full released
       layout (`diffusion/train/controlnet.py`).
-    - LCM distillation: `frozen_modules` (the teacher: the released model loaded from its file, not copied from
-      the model, so that a resumed run does not take the student for it), `averaged_copies` (the target
-      network, an EMA of the student at its own rate), `loss` (the consistency loss: the teacher's guided skip-step ODE solve from
-      `diffusion`'s alphas, the target network's prediction there, a Huber distance); `extra_state` for anything
-      else its loss carries between steps.
+    - LCM distillation (`diffusion/train/lcm.py`): `frozen_modules` (the teacher: the `--load-from` weights read
+      from their file, not copied from the model, so that a resumed run does not take the student for it),
+      `averaged_copies` (the target network, an EMA of the student at `ema_decay`), `loss` (the consistency loss:
+      the teacher's guided DDIM step from `diffusion`'s alphas, the target network's prediction there, a
+      pseudo-Huber distance), `extra_state` (the teacher's fingerprint); with LoRA also LoRA's hooks.
     """
 
     name = "full"  # written into checkpoints; a resume under another flavour is refused
@@ -63,8 +63,9 @@ class TrainingFlavour:
         """name -> rate of EMA copies of the model besides `state_dict_ema` that the loss uses (none here)."""
         return {}
 
-    def frozen_modules(self, cfg, device):
-        """name -> module the loss uses and nobody trains, rebuilt at every start, never saved (none here)."""
+    def frozen_modules(self, cfg, device, load_from=None):
+        """name -> module the loss uses and nobody trains, rebuilt at every start, never saved (none here).
+        `load_from`: the weights the run starts from (`--load-from`), e.g. a teacher's."""
         return {}
 
     def latents(self, x, posterior_noise, cfg, vae):
@@ -120,13 +121,20 @@ class TrainingFlavour:
 
 
 def flavour_from_config(cfg):
-    """The flavour a config asks for: DreamBooth when `dreambooth` is set (`diffusion/train/dreambooth.py`; with
-    a LoRA adapter when `lora` is set too), LoRA when `lora` is set (`diffusion/train/lora.py`), ControlNet when
-    `controlnet` is set (`diffusion/train/controlnet.py`), else full training."""
-    if cfg.get("controlnet") and (cfg.get("dreambooth") or cfg.get("lora")):
-        from diffusion.utils.config import ConfigError
+    """The flavour a config asks for: LCM distillation when `lcm` is set (`diffusion/train/lcm.py`; LCM-LoRA when
+    `lora` is set too), DreamBooth when `dreambooth` is set (`diffusion/train/dreambooth.py`; with a LoRA adapter
+    when `lora` is set too), LoRA when `lora` is set (`diffusion/train/lora.py`), ControlNet when `controlnet` is
+    set (`diffusion/train/controlnet.py`), else full training."""
+    from diffusion.utils.config import ConfigError
+    if cfg.get("controlnet") and (cfg.get("dreambooth") or cfg.get("lora") or cfg.get("lcm")):
         raise ConfigError("controlnet=True trains the ControlNet copies of a frozen base; it does not combine with "
-                          "dreambooth or lora (set those to None, or controlnet=False)")
+                          "dreambooth, lora or lcm (set those to None / False, or controlnet=False)")
+    if cfg.get("lcm"):
+        if cfg.get("dreambooth"):
+            raise ConfigError("lcm=True distils the --load-from model on the config's data; it does not combine with "
+                              "dreambooth (set dreambooth=None, or lcm=False)")
+        from diffusion.train.lcm import LCMFlavour, LCMLoRAFlavour
+        return LCMLoRAFlavour(cfg.lora) if cfg.get("lora") else LCMFlavour()
     if cfg.get("dreambooth"):
         from diffusion.train.dreambooth import dreambooth_flavour
         return dreambooth_flavour(cfg.dreambooth, cfg.get("lora"))

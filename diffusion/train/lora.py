@@ -70,17 +70,17 @@ def _describe(spec):
     return f"{len(spec.modules)} modules, rank {ranks[0] if len(ranks) == 1 else ranks}, dora {spec.use_dora}"
 
 
-ADAPTER_FLAVOURS = ("lora", "dreambooth-lora")  # the flavours whose checkpoints hold an adapter, not a model
+ADAPTER_FLAVOURS = ("lora", "dreambooth-lora", "lcm-lora")  # the flavours whose checkpoints hold an adapter
 
 
 def holds_adapter(checkpoint):
-    """Whether a training checkpoint holds a LoRA adapter rather than a model (LoRA and DreamBooth-LoRA runs)."""
+    """Whether a training checkpoint holds a LoRA adapter rather than a model (LoRA, DreamBooth-LoRA, LCM-LoRA)."""
     return checkpoint.get("flavour", {}).get("name") in ADAPTER_FLAVOURS
 
 
 def adapter_from_checkpoint(path, use_ema=True):
-    """(weights, spec) in our module names of the adapter a LoRA training checkpoint holds (LoRA or DreamBooth-LoRA
-    runs): its EMA weights, or the live ones with use_ema=False."""
+    """(weights, spec) in our module names of the adapter a LoRA training checkpoint holds (LoRA, DreamBooth-LoRA
+    or LCM-LoRA runs): its EMA weights, or the live ones with use_ema=False."""
     from diffusion.utils.checkpoint import read_checkpoint
     obj = read_checkpoint(path)
     flavour = obj.get("flavour", {})

@@ -8,8 +8,9 @@ from diffusion.utils.fileio import save_png
 
 
 class ValidationGrids:
-    """Encodes the prompts once at start-up (then frees T5); each call samples them with DPM-Solver++ from
-    fixed seeds, so the grids of successive steps are comparable, and writes one PNG grid."""
+    """Encodes the prompts once at start-up (then frees T5); each call samples them with DPM-Solver++ (an LCM run's
+    student: the lcm sampler, 4 steps, no guidance) from fixed seeds, so the grids of successive steps are
+    comparable, and writes one PNG grid."""
 
     def __init__(self, cfg, vae, device):
         from diffusion.model.t5 import T5Embedder
@@ -26,7 +27,7 @@ class ValidationGrids:
         pipe = Pipeline(model, self.vae, scale_factor=self.cfg.scale_factor, device=self.device)
         size = self.cfg.image_size
         seeds = [self.cfg.seed + i for i in range(len(self.prompts))]
-        images = pipe.sample(self.features, self.mask, size, size, seeds, "dpm-solver",
-                             self.cfg.validation_steps, self.cfg.cfg_scale)
+        sampler, steps = ("lcm", None) if self.cfg.lcm else ("dpm-solver", self.cfg.validation_steps)
+        images = pipe.sample(self.features, self.mask, size, size, seeds, sampler, steps, self.cfg.cfg_scale)
         grid = make_grid(images.cpu(), nrow=min(len(self.prompts), 4), padding=2)
         return save_png(path, to_pil_image(grid))

@@ -57,8 +57,9 @@ def _key_list(keys, limit=_LIST_LIMIT):
     return f"[{shown}{more}] ({len(keys)} keys)"
 
 
-def read_checkpoint(path):
-    """The raw object stored in a checkpoint file (a dict), read without executing code."""
+def read_checkpoint(path, mmap=False):
+    """The raw object stored in a checkpoint file (a dict), read without executing code. `mmap`: map a torch file's
+    tensors instead of reading them (for a look at its other entries; torch's zip format only)."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
@@ -72,7 +73,7 @@ def read_checkpoint(path):
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many types for damaged files (EOFError, IndexError, ...)
         detail = str(err.__context__ or err)
         if "Unsupported global" in detail:

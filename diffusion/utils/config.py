@@ -32,10 +32,11 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / 'configs' / 'PixArt_xl2_inte
 # Bookkeeping keys mmengine may leave inside dicts; they are not config fields.
 _MMENGINE_PRIVATE_KEYS = ('_scope_', '_delete_')
 _READ_ONLY = 'the config is read-only after loading; use --cfg-options KEY=VALUE or cfg.with_overrides({...})'
-# Keys of the reference's base config that no code here reads (its token-masking experiment, evaluation runs and
-# remote storage). They are accepted so that the released configs load as they are.
+# Keys of the reference's configs that no code here reads (its token-masking experiment, evaluation runs, remote
+# storage, and the LCM config's guidance range, which its trainer never reads either). They are accepted so that the
+# released configs load as they are.
 INERT_KEYS = ('mask_type', 'num_group_tokens', 'mask_loss_coef', 'load_mask_index', 'eval_batch_size', 'valid_num',
-              'eval_sampling_steps', 'save_image_epochs', 'tensorboard_mox_interval', 's3_work_dir')
+              'eval_sampling_steps', 'save_image_epochs', 'tensorboard_mox_interval', 's3_work_dir', 'w_min', 'w_max')
 DIFFUSION_STEPS = 1000  # the steps of the training diffusion (IDDPM's default); train_sampling_steps respaces them
 DEFAULT_PATCH_SIZE = XL_2_SHAPE['patch_size']  # PixArt's default patch size too
 
@@ -367,6 +368,12 @@ VALUE_RULES = {
     'controlnet': _FLAG,
     'copy_blocks_num': _at_least(1, ' (copy j feeds base block j+1: at most depth - 1, checked by training)'),
     'control_condition': _one_of('canny', 'hed'),
+    'lcm': _FLAG,
+    'loss_type': _one_of('huber', 'l2'),
+    'huber_c': _real(0, low_open=True),
+    'num_ddim_timesteps': _Rule(lambda v: 1 <= v <= DIFFUSION_STEPS,
+                                f'between 1 and {DIFFUSION_STEPS} (steps of the DDIM grid over the {DIFFUSION_STEPS})'),
+    'ema_decay': _real(0, 1, high_open=True, meaning=' (0: the target network is the student itself)'),
     'train_sampling_steps': _Rule(lambda v: 2 <= v <= DIFFUSION_STEPS,
                                   f'between 2 and {DIFFUSION_STEPS} (a respacing of the {DIFFUSION_STEPS} steps)'),
     'min_snr_gamma': _or_none(_real(0, low_open=True), 'None: the plain MSE'),
@@ -490,6 +497,10 @@ def _check_combinations(data, source_of):
             raise ConfigError(f"{err} ({_where(source_of('lora'))})") from None
     if data.get('dreambooth'):
         _check_dreambooth(data, source_of)
+    if data['lcm'] and data['train_sampling_steps'] != DIFFUSION_STEPS:
+        raise _value_error('train_sampling_steps', data['train_sampling_steps'],
+                           f'{DIFFUSION_STEPS} with lcm=True (the distillation and the LCM sampler work on the '
+                           f'{DIFFUSION_STEPS} original timesteps)', source_of('train_sampling_steps'))
 
 
 def _check_dreambooth(data, source_of):

@@ -28,6 +28,7 @@ CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 _REQUIRED_CONFIG_KEYS = ("sample_size", "num_layers", "num_attention_heads", "attention_head_dim", "in_channels",
                          "patch_size", "caption_channels")
 _DIFFUSERS_PREFIXES = ("transformer_blocks.", "adaln_single.", "caption_projection.")
+LCM_SCHEDULER = "LCMScheduler"  # the scheduler of a distilled pipeline folder (PixArt-LCM-XL-2-1024-MS)
 
 _GLOBAL_MODULES = [  # ours -> diffusers, module prefixes (their .weight and .bias follow)
     ("x_embedder.proj", "pos_embed.proj"),
@@ -355,10 +356,34 @@ def read_diffusers_as_pixart(path):
     return pixart_state_dict_of_diffusers(read_diffusers_weights(folder), folder)
 
 
-def read_folder_null_caption(folder, null_caption=None):
+def is_lcm_pipeline(path):
+    """Whether `path` is a diffusers pipeline folder (or its transformer/ folder) whose scheduler is an
+    LCMScheduler, as the released PixArt-LCM-XL-2-1024-MS: a distilled model, sampled without guidance."""
+    path = Path(path)
+    for pipeline in (path, path.parent) if path.name == "transformer" else (path,):
+        try:
+            index = json.loads((pipeline / "model_index.json").read_text(encoding="utf-8"))
+            if list(index.get("scheduler") or [])[-1:] == [LCM_SCHEDULER]:
+                return True
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass
+        try:
+            scheduler = json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+            if scheduler.get("_class_name") == LCM_SCHEDULER:
+                return True
+        except (OSError, ValueError, AttributeError):
+            pass
+    return False
+
+
+def read_folder_null_caption(folder, null_caption=None, zero_for_lcm=None):
     """`null_caption` (a tensor, or a file for `read_null_caption`), else the folder's NULL_CAPTION_FILE; raises
-    when there is neither, since diffusers checkpoints carry none."""
+    when there is neither, since diffusers checkpoints carry none. `zero_for_lcm`: the diffusers config of a folder
+    `is_lcm_pipeline` accepts; it then gets a zero null caption of the released length instead of the error (a
+    distilled model samples without guidance; guided sampling refuses a zero null caption)."""
     if null_caption is None:
+        if not (Path(folder) / NULL_CAPTION_FILE).is_file() and zero_for_lcm is not None:
+            return torch.zeros(T5_TOKENS, zero_for_lcm["caption_channels"])
         if not (Path(folder) / NULL_CAPTION_FILE).is_file():
             raise CheckpointError(
                 f"{folder} has no {NULL_CAPTION_FILE}: diffusers checkpoints carry no null caption "
@@ -367,15 +392,17 @@ def read_folder_null_caption(folder, null_caption=None):
     return null_caption if isinstance(null_caption, torch.Tensor) else read_null_caption(null_caption)
 
 
-def load_diffusers_transformer(path, null_caption=None):
+def load_diffusers_transformer(path, null_caption=None, lcm_without_null_caption=False):
     """Read a diffusers PixArt transformer folder -> (architecture, PixArt state dict).
 
     The null caption comes from `null_caption` (a tensor or a file for `read_null_caption`) or else from the
-    folder's NULL_CAPTION_FILE; without either this raises, since it cannot be recovered from diffusers.
+    folder's NULL_CAPTION_FILE; without either this raises, since it cannot be recovered from diffusers, unless
+    `lcm_without_null_caption` and the folder is a distilled LCM pipeline (`is_lcm_pipeline`): a zero null caption.
     """
     folder = find_transformer_folder(path)
     config = read_diffusers_config(folder)
-    null_caption = read_folder_null_caption(folder, null_caption)
+    lcm = config if lcm_without_null_caption and is_lcm_pipeline(path) else None
+    null_caption = read_folder_null_caption(folder, null_caption, zero_for_lcm=lcm)
     arch = architecture_from_diffusers_config(config, model_max_length=null_caption.shape[0])
     if null_caption.shape[1] != arch["caption_channels"]:
         raise CheckpointError(f"null caption has {null_caption.shape[1]} channels, the model "
@@ -392,12 +419,13 @@ def load_diffusers_transformer(path, null_caption=None):
     return arch, state_dict
 
 
-def describe_diffusers_transformer(path):
+def describe_diffusers_transformer(path, lcm_without_null_caption=False):
     """A meta-device PixArt/PixArtMS of a diffusers folder's architecture (no weights read; the null caption
-    file gives the caption length)."""
+    file gives the caption length; see `load_diffusers_transformer` for `lcm_without_null_caption`)."""
     folder = find_transformer_folder(path)
     config = read_diffusers_config(folder)
     _weight_files(folder)  # a folder without its weights fails here, before anything loads
-    null_caption = read_folder_null_caption(folder)
+    lcm = config if lcm_without_null_caption and is_lcm_pipeline(path) else None
+    null_caption = read_folder_null_caption(folder, zero_for_lcm=lcm)
     with torch.device("meta"):
         return build_pixart(architecture_from_diffusers_config(config, model_max_length=null_caption.shape[0]))
