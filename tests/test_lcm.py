@@ -344,7 +344,7 @@ def test_lcm_does_not_combine_with_dreambooth_or_controlnet(base_config_path):
     with pytest.raises(ConfigError, match="lcm=True .* does not combine with dreambooth"):
         flavour_from_config(load_config(base_config_path, {"lcm": True, "dreambooth": {
             "instance_data_dir": "x", "instance_prompt": "a photo of sks dog"}}))
-    with pytest.raises(ConfigError, match="does not combine with dreambooth, lora or lcm"):
+    with pytest.raises(ConfigError, match="does not combine with dreambooth or lora, nor with lcm"):
         flavour_from_config(load_config(base_config_path, {"lcm": True, "controlnet": True}))
     assert flavour_from_config(load_config(base_config_path, {"lcm": True, "lora": {"rank": 2}})).name == "lcm-lora"
 
