@@ -228,14 +228,14 @@ def test_an_lcm_run_trains_the_student_keeps_the_teacher_and_saves_the_target(tr
 
 
 def test_lcm_resume_in_mid_epoch_matches_an_uninterrupted_run(train_config, tmp_path, teacher_file):
-    """24 records / batch 4 = 6 steps an epoch, stopped at step 7; caption dropout on. Student, EMA, target and
+    """24 records / batch 4 = 6 steps an epoch, stopped at step 3; caption dropout on. Student, EMA, target and
     optimizer bitwise (the core's resume, which full training tests at epoch boundaries too)."""
     extra = {"class_dropout_prob": 0.3}
-    straight = lcm_run(train_config, tmp_path / "straight", teacher_file, {"max_steps": 9, **extra})
-    lcm_run(train_config, tmp_path / "resumed", teacher_file, {"max_steps": 7, **extra})
-    resumed = lcm_run(train_config, tmp_path / "resumed", teacher_file, {"max_steps": 9, **extra},
+    straight = lcm_run(train_config, tmp_path / "straight", teacher_file, {"max_steps": 5, **extra})
+    lcm_run(train_config, tmp_path / "resumed", teacher_file, {"max_steps": 3, **extra})
+    resumed = lcm_run(train_config, tmp_path / "resumed", teacher_file, {"max_steps": 5, **extra},
                       resume_from="auto")
-    assert resumed.global_step == 9
+    assert resumed.global_step == 5
     a, b = final_state(straight), final_state(resumed)
     assert_states_equal(a, b)  # student, its EMA and the optimizer
     target_a, target_b = a["flavour"]["averaged"]["target"], b["flavour"]["averaged"]["target"]
@@ -245,11 +245,11 @@ def test_lcm_resume_in_mid_epoch_matches_an_uninterrupted_run(train_config, tmp_
 def test_lcm_lora_trains_the_adapter_only_and_resumes_exactly(train_config, tmp_path, teacher_file):
     """ema_decay 0: the targets come from the student itself (no copy is kept), as in the reference's LCM-LoRA."""
     overrides = {"lora": LORA, "ema_decay": 0.0}
-    straight = lcm_run(train_config, tmp_path / "straight", teacher_file, {"max_steps": 8, **overrides})
-    lcm_run(train_config, tmp_path / "resumed", teacher_file, {"max_steps": 5, **overrides})
+    straight = lcm_run(train_config, tmp_path / "straight", teacher_file, {"max_steps": 5, **overrides})
+    lcm_run(train_config, tmp_path / "resumed", teacher_file, {"max_steps": 3, **overrides})
     flavour = type("Keeps", (LCMLoRAFlavour,), {"wrap_model": lambda self, m, c: setattr(
         self, "model", LCMLoRAFlavour.wrap_model(self, m, c)) or self.model})(LORA)
-    resumed = lcm_run(train_config, tmp_path / "resumed", teacher_file, {"max_steps": 8, **overrides},
+    resumed = lcm_run(train_config, tmp_path / "resumed", teacher_file, {"max_steps": 5, **overrides},
                       resume_from="auto", flavour=flavour)
     a, b = final_state(straight), final_state(resumed)
     assert_states_equal(a, b)
@@ -344,7 +344,7 @@ def test_lcm_does_not_combine_with_dreambooth_or_controlnet(base_config_path):
     with pytest.raises(ConfigError, match="lcm=True .* does not combine with dreambooth"):
         flavour_from_config(load_config(base_config_path, {"lcm": True, "dreambooth": {
             "instance_data_dir": "x", "instance_prompt": "a photo of sks dog"}}))
-    with pytest.raises(ConfigError, match="does not combine with dreambooth, lora or lcm"):
+    with pytest.raises(ConfigError, match="does not combine with dreambooth or lora, nor with lcm"):
         flavour_from_config(load_config(base_config_path, {"lcm": True, "controlnet": True}))
     assert flavour_from_config(load_config(base_config_path, {"lcm": True, "lora": {"rank": 2}})).name == "lcm-lora"
 

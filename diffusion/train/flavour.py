@@ -128,7 +128,7 @@ def flavour_from_config(cfg):
     from diffusion.utils.config import ConfigError
     if cfg.get("controlnet") and (cfg.get("dreambooth") or cfg.get("lora") or cfg.get("lcm")):
         raise ConfigError("controlnet=True trains the ControlNet copies of a frozen base; it does not combine with "
-                          "dreambooth, lora or lcm (set those to None / False, or controlnet=False)")
+                          "dreambooth or lora, nor with lcm (set those to None / False, or controlnet=False)")
     if cfg.get("lcm"):
         if cfg.get("dreambooth"):
             raise ConfigError("lcm=True distils the --load-from model on the config's data; it does not combine with "
