@@ -226,7 +226,8 @@ def _generate_class_images(cfg, settings, load_from, device, folder, jobs):
         f"DreamBooth: generating {len(jobs)} class images of {settings.class_prompt!r} with {load_from} "
         f"({settings.class_sampler}, {settings.class_sampling_steps} steps, guidance {settings.class_cfg_scale}) "
         f"into {folder}")
-    pipe = load_pipeline(load_from, config=cfg, device=device)
+    # the config's encoders, which the training features come from, even when load_from is a pipeline folder
+    pipe = load_pipeline(load_from, config=cfg, t5_path=cfg.t5_pretrained, vae_path=cfg.vae_pretrained, device=device)
     features, mask = pipe.encode([settings.class_prompt])
     pipe.free_text_encoder()
     by_size = {}
