@@ -218,7 +218,8 @@ def _remote_files(model, wanted, base):
     try:  # one listing, no retries: without network this fails at once
         info = HfApi().model_info(model.repo_id, revision=model.revision, files_metadata=True)
     except _transport_errors() as err:
-        raise _not_available(model, wanted, base, f"the hub could not be asked for its files ({type(err).__name__}: {err})") from None
+        reason = f"the hub could not be asked for its files ({type(err).__name__}: {err})"
+        raise _not_available(model, wanted, base, reason) from None
     remote = {sibling.rfilename: sibling for sibling in info.siblings or ()}
     absent = [f for f in wanted if f not in remote]
     if absent:

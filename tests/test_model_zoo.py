@@ -137,7 +137,8 @@ def test_the_scripts_take_a_named_model(tmp_path, script, args):
 
 def test_a_name_or_its_conventional_path_means_the_named_model(tmp_path):
     assert named_model_at("PixArt-XL-2-1024-MS") is MODEL_ZOO["PixArt-XL-2-1024-MS"]
-    assert named_model_at(tmp_path / "output/pretrained_models/PixArt-XL-2-512x512.pth", root=tmp_path).image_size == 512
+    released = tmp_path / "output/pretrained_models/PixArt-XL-2-512x512.pth"
+    assert named_model_at(released, root=tmp_path).image_size == 512
     assert named_model_at(tmp_path / "output/pretrained_models/t5_ckpts", root=tmp_path).name == "t5-v1_1-xxl"
     assert named_model_at(tmp_path / "my_model.pth", root=tmp_path) is None
     assert resolve_model_argument(tmp_path / "my_model.pth", 256) == (tmp_path / "my_model.pth", 256)
