@@ -165,7 +165,10 @@ def verify(name, root=None):
     'FILE: reason' lines (missing files included), [] when all match. Needs the network."""
     model = get(name)
     base = Path(root or ".") / model.local_dir
-    remote, _ = _remote_files(model, model.files, base)
+    try:
+        remote, _ = _remote_files(model, model.files)
+    except _HubUnavailable as err:
+        raise ModelNotAvailable(f"cannot verify {model.name} against {model.repo_id}: {err}") from None
     problems = [f"{base / f}: missing" for f in missing_files(model, root)]
     return problems + [p for f in model.files if (base / f).is_file() and (p := _mismatch(base / f, remote[f]))]
 
@@ -210,26 +213,32 @@ def _not_available(model, missing, base, reason):
     return ModelNotAvailable("\n".join(lines))
 
 
-def _remote_files(model, wanted, base):
+class _HubUnavailable(Exception):
+    """The hub cannot tell us about a repository now (offline, no network, refused, files missing there)."""
+
+
+def _remote_files(model, wanted):
     """{repository path: RepoSibling with size and checksums} of `wanted`, and the commit they were listed at."""
     from huggingface_hub import HfApi, is_offline_mode
     if is_offline_mode():
-        raise _not_available(model, wanted, base, "HF_HUB_OFFLINE is set")
+        raise _HubUnavailable("HF_HUB_OFFLINE is set")
     try:  # one listing, no retries: without network this fails at once
         info = HfApi().model_info(model.repo_id, revision=model.revision, files_metadata=True)
     except _transport_errors() as err:
-        reason = f"the hub could not be asked for its files ({type(err).__name__}: {err})"
-        raise _not_available(model, wanted, base, reason) from None
+        raise _HubUnavailable(f"the hub could not be asked for its files ({type(err).__name__}: {err})") from None
     remote = {sibling.rfilename: sibling for sibling in info.siblings or ()}
     absent = [f for f in wanted if f not in remote]
     if absent:
-        raise _not_available(model, absent, base, f"{model.repo_id} at {info.sha} has no {absent}")
+        raise _HubUnavailable(f"{model.repo_id} at {info.sha} has no {absent}")
     return remote, info.sha
 
 
 def _download(model, missing, base):
     from huggingface_hub import hf_hub_download, snapshot_download
-    remote, commit = _remote_files(model, missing, base)
+    try:
+        remote, commit = _remote_files(model, missing)
+    except _HubUnavailable as err:
+        raise _not_available(model, missing, base, str(err)) from None
     print(f"downloading {model.name} ({model.download}) from {model.repo_id} into {base}: {', '.join(missing)}",
           flush=True)
     try:  # at the listed commit, so every file comes from the same one

@@ -95,6 +95,15 @@ def test_a_corrupted_download_is_detected_and_deleted(tmp_path, hub, name, filen
     assert target.read_bytes() == hub.repos[PIXART][filename]
 
 
+def test_verify_compares_the_local_files_with_the_hub(tmp_path, hub):
+    assert run(["sd-vae-ft-ema"], tmp_path, hub.url).returncode == 0
+    matches = run(["sd-vae-ft-ema", "--verify"], tmp_path, hub.url)
+    assert matches.returncode == 0 and "matches the hub" in matches.stdout
+    (pretrained(tmp_path, "sd-vae-ft-ema") / "config.json").write_bytes(b'{"_class_name": "AutoencoderKM"}\n')
+    differs = run(["sd-vae-ft-ema", "--verify"], tmp_path, hub.url)
+    assert differs.returncode == 1 and "config.json: git blob id" in differs.stdout
+
+
 def test_offline_without_a_local_copy_is_a_named_error_saying_what_goes_where(tmp_path, hub):
     failed = run(["PixArt-XL-2-256x256"], tmp_path, hub.url, offline=True)
     assert failed.returncode != 0
