@@ -79,6 +79,9 @@ MODEL_ZOO = {model.name: model for model in (
 )}
 
 
+_LOCK_FILE = ".download.lock"
+
+
 class ModelNotAvailable(FileNotFoundError):
     """A named model is not (completely) on disk and cannot be downloaded now."""
 
@@ -141,7 +144,8 @@ def fetch_conventional(path, root=None):
     base = Path(root or ".") / model.local_dir
     folder = Path(root or ".") / model.path
     if folder.is_dir():
-        own = {p.relative_to(base).as_posix() for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts}
+        own = {p.relative_to(base).as_posix() for p in folder.rglob("*")
+               if p.is_file() and ".cache" not in p.parts and p.name != _LOCK_FILE}  # download bookkeeping
         if own - set(model.files):
             return path
     return fetch(model.name, root)
@@ -184,7 +188,7 @@ def _download_lock(folder):
     except ImportError:  # Windows: concurrent downloads into one folder are not guarded
         yield
         return
-    with open(folder / ".download.lock", "a") as handle:
+    with open(folder / _LOCK_FILE, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
