@@ -121,16 +121,18 @@ def named_model_at(path_or_name, root=None):
 
 def fetch(name, root=None):
     """The local path of the named model `name` under `root`, after downloading whatever files are missing."""
-    from huggingface_hub import is_offline_mode
     model = get(name)
-    if missing_files(model, root):
+    missing = missing_files(model, root)
+    if missing:
         base = Path(root or ".") / model.local_dir
-        if is_offline_mode():  # before anything is written
-            raise _not_available(model, missing_files(model, root), base, "HF_HUB_OFFLINE is set")
+        try:  # asked before anything is written: offline or without network nothing is
+            remote, commit = _remote_files(model, missing)
+        except _HubUnavailable as err:
+            raise _not_available(model, missing, base, str(err)) from None
         with _download_lock(base):  # processes started together (DDP ranks) download once: the others then find it
             missing = missing_files(model, root)
             if missing:
-                _download(model, missing, base)
+                _download(model, missing, base, remote, commit)
     return local_path(model, root)
 
 
@@ -237,12 +239,9 @@ def _remote_files(model, wanted):
     return remote, info.sha
 
 
-def _download(model, missing, base):
+def _download(model, missing, base, remote, commit):
+    """Download the `missing` files of `model` into `base` at `commit`, then check them against `remote`."""
     from huggingface_hub import hf_hub_download, snapshot_download
-    try:
-        remote, commit = _remote_files(model, missing)
-    except _HubUnavailable as err:
-        raise _not_available(model, missing, base, str(err)) from None
     print(f"downloading {model.name} ({model.download}) from {model.repo_id} into {base}: {', '.join(missing)}",
           flush=True)
     try:  # at the listed commit, so every file comes from the same one
