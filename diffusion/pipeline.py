@@ -21,6 +21,7 @@ from diffusion.model.builder import build_controlnet, build_model, build_model_f
 from diffusion.model.nets.pixart_controlnet import controlnet_copy_count
 from diffusion.model.guidance import cfg_inputs, guided_model
 from diffusion.model.t5 import CaptionTokenizer, T5Embedder
+from diffusion.model_zoo import fetch_conventional, resolve_model_argument
 from diffusion.release import (
     RELEASED_T5_DIR,
     RELEASED_VAE_DIR,
@@ -37,6 +38,7 @@ from diffusion.utils.diffusers_interop import (
     build_pixart,
     describe_diffusers_transformer,
     load_diffusers_transformer,
+    pipeline_part,
 )
 
 SAMPLERS = tuple(SAMPLER_REGISTRY)
@@ -335,9 +337,11 @@ class _StepCounter:
 
 
 def check_steps(sampler, steps):
-    """Raise ValueError when `sampler` cannot take `steps` sampling steps (see MIN_STEPS)."""
-    if steps < MIN_STEPS[sampler]:
-        raise ValueError(f"{sampler} takes at least {MIN_STEPS[sampler]} steps, got {steps}")
+    """Raise ValueError when `sampler` (a name or a SamplerSpec) cannot take `steps` sampling steps (see
+    MIN_STEPS)."""
+    fewest = get_sampler(sampler).min_steps
+    if steps < fewest:
+        raise ValueError(f"{sampler} takes at least {fewest} steps, got {steps}")
 
 
 def check_prompt_length(tokenizer, prompt, what="the prompt"):
@@ -353,22 +357,35 @@ def check_prompt_length(tokenizer, prompt, what="the prompt"):
                           "(the rest would be cut without notice)")
 
 
-def t5_folder(t5_path=None, config=None):
-    """The T5 folder `load_pipeline` reads: `t5_path`, else the config's `t5_pretrained`, else the released one."""
-    return resolve_t5_dir(t5_path or (config.t5_pretrained if config is not None else RELEASED_T5_DIR))
+def t5_folder(t5_path=None, config=None, model_path=None):
+    """The T5 folder `load_pipeline` reads: `t5_path`, else the diffusers pipeline folder `model_path` when it holds
+    a text encoder and tokenizer, else the config's `t5_pretrained`, else the released one (fetched when missing)."""
+    if t5_path is None and pipeline_part(model_path, "text_encoder") and pipeline_part(model_path, "tokenizer"):
+        return Path(model_path)
+    path = t5_path or (config.t5_pretrained if config is not None else RELEASED_T5_DIR)
+    return resolve_t5_dir(fetch_conventional(path))
 
 
-def load_tokenizer(t5_path, config, model):
-    """The CaptionTokenizer of the T5 `load_pipeline` would use with `model` (a described or loaded model):
-    checks prompts' lengths without loading any weights."""
-    return CaptionTokenizer(t5_folder(t5_path, config), model_max_length=model.model_max_length)
+def load_tokenizer(t5_path, config, model, model_path=None):
+    """The CaptionTokenizer of the T5 `load_pipeline` would use with `model` (a described or loaded model, read from
+    `model_path`): checks prompts' lengths without loading any weights."""
+    return CaptionTokenizer(t5_folder(t5_path, config, model_path), model_max_length=model.model_max_length)
+
+
+def vae_folder(vae_path=None, config=None, model_path=None):
+    """The VAE folder `load_pipeline` reads: `vae_path`, else the `vae/` of the diffusers pipeline folder
+    `model_path`, else the config's `vae_pretrained`, else the released one."""
+    return vae_path or pipeline_part(model_path, "vae") or (config.vae_pretrained if config is not None
+                                                           else RELEASED_VAE_DIR)
 
 
 def load_vae(path, device="cpu", dtype=None):
-    """A diffusers AutoencoderKL in eval mode from a local folder such as sd-vae-ft-ema (in `dtype`, default the
-    saved one)."""
+    """A diffusers AutoencoderKL in eval mode from a local folder such as sd-vae-ft-ema, or the `vae/` of a diffusers
+    pipeline folder (in `dtype`, default the saved one). The released folder is fetched when it is missing from its
+    conventional place."""
     from diffusers import AutoencoderKL
-    if not (Path(path) / "config.json").is_file():
+    path = pipeline_part(path, "vae") or Path(fetch_conventional(path))
+    if not (path / "config.json").is_file():
         raise FileNotFoundError(f"VAE folder {path} has no config.json: expected a diffusers AutoencoderKL folder "
                                 "such as sd-vae-ft-ema")
     vae = AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
@@ -379,28 +396,37 @@ def load_pipeline(model_path, config=None, image_size=None, t5_path=None, vae_pa
                   dtype=torch.float32, t5_device=None, use_ema=True, loras=(), merge_loras=False):
     """A Pipeline holding all a prompt needs: the transformer at `model_path` (read as `load_transformer` reads
     it, described by the folder, `config` or a released `image_size`), its VAE and its T5 encoder as
-    `pipe.text_encoder` (`pipe.free_text_encoder()` drops T5 once the prompts are encoded).
+    `pipe.text_encoder` (`pipe.free_text_encoder()` drops T5 once the prompts are encoded). `model_path` may be a
+    named model (diffusion.model_zoo: downloaded when missing, its image size known).
 
-    The encoder folders are `t5_path` and `vae_path`, else the config's `t5_pretrained` and `vae_pretrained`,
-    else the released layout's (RELEASED_T5_DIR, RELEASED_VAE_DIR); a T5 path may be the folder holding
-    t5-v1_1-xxl/. The latent scale factor is the config's `scale_factor`, else sd-vae-ft-ema's. T5 reads as many
-    tokens as the transformer's null caption has, on `t5_device` (default `device`; 'cpu' leaves the GPU to the
-    transformer). The transformer runs in `dtype` on `device`. `loras`, `merge_loras`: LoRA adapters added in fp32
-    before the transformer moves (`load_loras`)."""
+    The encoder folders are `t5_path` and `vae_path`, else those of a diffusers pipeline folder `model_path`
+    (text_encoder/ + tokenizer/, vae/), else the config's `t5_pretrained` and `vae_pretrained`, else the released
+    layout's (RELEASED_T5_DIR, RELEASED_VAE_DIR; downloaded when missing); a T5 path may be the folder holding
+    t5-v1_1-xxl/. The latent scale factor is the config's `scale_factor`, else the `scaling_factor` of a pipeline
+    folder's VAE, else sd-vae-ft-ema's. T5 reads as many tokens as the transformer's null caption has, on
+    `t5_device` (default `device`; 'cpu' leaves the GPU to the transformer). The transformer runs in `dtype` on
+    `device`. `loras`, `merge_loras`: LoRA adapters added in fp32 before the transformer moves (`load_loras`)."""
+    model_path, image_size = resolve_model_argument(model_path, image_size)
     model = load_transformer(model_path, config=config, image_size=image_size, use_ema=use_ema)
     adapters = load_loras(model, loras, merge=merge_loras)
-    t5_dir = t5_folder(t5_path, config)
-    vae_dir = vae_path or (config.vae_pretrained if config is not None else RELEASED_VAE_DIR)
+    t5_dir = t5_folder(t5_path, config, model_path)
+    vae_dir = vae_folder(vae_path, config, model_path)
     text_encoder = T5Embedder(t5_dir, device=t5_device or device, model_max_length=model.model_max_length)
     if text_encoder.hidden_size != model.caption_channels:
         raise ValueError(f"T5 folder {t5_dir} gives {text_encoder.hidden_size}-wide caption features; the model "
                          f"{model_path} reads caption_channels={model.caption_channels}")
-    scale_factor = config.scale_factor if config is not None else SD_VAE_SCALE_FACTOR
-    return Pipeline(model, load_vae(vae_dir, device), text_encoder=text_encoder, scale_factor=scale_factor,
-                    device=device, dtype=dtype, adapters=adapters)
+    vae = load_vae(vae_dir, device)
+    if config is not None:
+        scale_factor = config.scale_factor
+    elif vae_path is None and pipeline_part(model_path, "vae"):
+        scale_factor = vae.config.scaling_factor  # what diffusers' PixArtAlphaPipeline decodes that folder with
+    else:
+        scale_factor = SD_VAE_SCALE_FACTOR
+    return Pipeline(model, vae, text_encoder=text_encoder, scale_factor=scale_factor, device=device, dtype=dtype,
+                    adapters=adapters)
 
 
 __all__ = ["SAMPLERS", "DEFAULT_STEPS", "MIN_STEPS", "PromptError", "PromptJob", "parse_prompt", "resolve_t5_dir",
            "describe_transformer", "load_transformer", "is_distilled", "pair_lora_scales", "load_loras", "Pipeline",
-           "check_steps",
-           "check_prompt_length", "t5_folder", "load_tokenizer", "load_vae", "load_pipeline", "CheckpointError"]
+           "check_steps", "check_prompt_length", "t5_folder", "load_tokenizer", "vae_folder", "load_vae",
+           "load_pipeline", "CheckpointError"]

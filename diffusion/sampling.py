@@ -39,6 +39,9 @@ def register(name, default_steps, guided=True, min_steps=1):
 
 
 def get_sampler(name):
+    """The SamplerSpec registered as `name` (a SamplerSpec, e.g. `diffusers_scheduler_sampler`'s, is itself)."""
+    if isinstance(name, SamplerSpec):
+        return name
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {name!r}")
     return SAMPLERS[name]
@@ -84,3 +87,34 @@ def sample_iddpm(model_fn, noise, steps, generator=None, progress=False):
 def sample_lcm(model_fn, noise, steps, generator=None, progress=False):
     """Latent-consistency multi-step sampling (PixArt-LCM: guidance distilled into the model)."""
     return LCMScheduler().sample(model_fn, noise, steps, generator=generator, progress=progress)
+
+
+def diffusers_scheduler_sampler(scheduler, default_steps=20):
+    """A SamplerSpec (give it where a sampler name goes) that integrates with a diffusers scheduler, step for step as
+    diffusers' PixArtAlphaPipeline does: `scheduler.set_timesteps(steps)`, the noise times `init_noise_sigma`, then
+    for every timestep `scale_model_input`, the (guided) model at that integer timestep, its eps half (the learned
+    variance dropped) and `scheduler.step`. With the scheduler of an exported pipeline folder
+    (`DPMSolverMultistepScheduler.from_pretrained(folder / 'scheduler')`) ours and diffusers' pipeline give the
+    same image. A scheduler that draws noise (DDPM, SDE variants) draws it from per-image generators of the
+    images' seeds, not from diffusers' generator stream."""
+    import inspect
+
+    import torch
+
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+
+    def sample(model_fn, noise, steps, generator=None, progress=False):
+        scheduler.set_timesteps(steps, device=noise.device)
+        x = noise * scheduler.init_noise_sigma
+        extra = {}
+        if takes_generator and generator is not None:
+            seeds = generator if isinstance(generator, (list, tuple)) else [generator] * len(noise)
+            extra["generator"] = [torch.Generator(noise.device).manual_seed(int(s)) for s in seeds]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        for t in scheduler.timesteps:
+            out = model_fn(scheduler.scale_model_input(x, t), t.expand(x.shape[0]))
+            x = scheduler.step(out[:, :noise.shape[1]], t, x, return_dict=False, **extra)[0]
+        return x
+
+    return SamplerSpec(sample, default_steps, guided=True)

@@ -1,5 +1,6 @@
 """Sample images from prompts with a PixArt checkpoint (batch CLI).
 
+  python scripts/inference.py --model_path PixArt-XL-2-1024-MS --prompt "a cactus in the Sahara --ar 4:3"  # downloads
   python scripts/inference.py --image_size 1024 --model_path output/pretrained_models/PixArt-XL-2-1024-MS.pth \\
       --txt_file prompts.txt --sampling_algo dpm-solver --step 20 --cfg_scale 4.5 --seed 0
   python scripts/inference.py --config configs/pixart_config/PixArt_toy_shapes.py \\
@@ -35,6 +36,7 @@ from diffusion.data.errors import DataError
 from diffusion.model.hed import DEFAULT_HED_CHECKPOINT, load_hed
 from diffusion.model.nets import ControlPixArtHalf
 from diffusion.model.builder import is_multi_scale
+from diffusion.model_zoo import resolve_model_argument
 from diffusion.pipeline import (
     DEFAULT_STEPS,
     SAMPLERS,
@@ -61,13 +63,17 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", required=True,
-                        help="our checkpoint (EMA weights used when present), a released .pth, a .safetensors file "
-                             "(diffusers' tensor names too) or a diffusers PixArtTransformer2DModel folder")
+                        help="a named model (PixArt-XL-2-1024-MS, ...: tools/download.py --list; downloaded on first "
+                             "use, with its T5 and VAE), our checkpoint (EMA weights used when present), a released "
+                             ".pth, a .safetensors file (diffusers' tensor names too), a diffusers "
+                             "PixArtTransformer2DModel folder or a PixArtAlphaPipeline folder (its T5 and VAE used "
+                             "unless --t5_path / --vae_path say otherwise)")
     parser.add_argument("--config", help="config describing the model, T5, VAE and scale factor (instead of "
                                          "--image_size, for models other than the released ones)")
     add_cfg_options_argument(parser)
     parser.add_argument("--image_size", type=int, choices=RELEASED_IMAGE_SIZES,
-                        help="released XL/2 model at this size (1024 = the multi-scale model)")
+                        help="released XL/2 model at this size (1024 = the multi-scale model); a named model knows "
+                             "its own")
     parser.add_argument("--t5_path", help="T5 encoder folder (or its parent holding t5-v1_1-xxl/); default: the "
                                           f"config's t5_pretrained, else {RELEASED_T5_DIR}")
     parser.add_argument("--vae_path", "--tokenizer_path", dest="vae_path",
@@ -181,6 +187,8 @@ def check_control_options(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        # a named model (or its conventional path) is fetched first, so everything after reads a local path
+        args.model_path, args.image_size = resolve_model_argument(args.model_path, args.image_size)
         run(args)
     except (PromptError, ConfigError, CheckpointError, DataError, OutputError, OSError, ValueError) as err:
         sys.exit(f"error: {err}")
@@ -198,10 +206,11 @@ def run(args):
     loras = pair_lora_scales(args.lora, args.lora_scale)
     cfg = load_config(args.config, args.cfg_options) if args.config else None
     if cfg is None and args.image_size is None and not Path(args.model_path).is_dir():
-        raise ValueError("give --image_size (released models) or --config to describe the model")
+        raise ValueError("give --image_size (released models) or --config to describe the model, or a named model "
+                         "(python tools/download.py --list)")
     described = describe_transformer(args.model_path, config=cfg, image_size=args.image_size)
     jobs = plan_jobs(prompts, described, args.seed)
-    tokenizer = load_tokenizer(args.t5_path, cfg, described)
+    tokenizer = load_tokenizer(args.t5_path, cfg, described, args.model_path)
     for (where, _), job in zip(prompts, jobs):
         check_prompt_length(tokenizer, job.prompt, where)
     if args.negative_prompt:

@@ -4,8 +4,9 @@
   python scripts/interface.py           # then open http://127.0.0.1:7860
 
   python scripts/interface.py --lora output/my_lora/adapter --lora output/other_lora/adapter   # + a LoRA picker
-  python scripts/interface.py --config configs/pixart_config/PixArt_toy_lcm.py \
+  python scripts/interface.py --config configs/pixart_config/PixArt_toy_lcm.py \\
       --model_path output/lcm_toy/train/checkpoints/<newest>.pth      # a distilled model: opens in LCM mode
+  python scripts/interface.py --model_path PixArt-XL-2-1024-MS      # a named model, downloaded on first use
   python scripts/interface.py --image_size 1024 --model_path output/pretrained_models/PixArt-XL-2-1024-MS.pth \\
       --t5_path output/pretrained_models/t5_ckpts --vae_path output/pretrained_models/sd-vae-ft-ema
   python scripts/interface.py --image_size 1024 --model_path output/pretrained_models/PixArt-XL-2-1024-ControlNet.pth \\
@@ -20,12 +21,14 @@ import argparse
 
 import torch
 
+from diffusion.model_zoo import resolve_model_argument
 from diffusion.pipeline import is_distilled, load_pipeline
 from diffusion.release import DTYPES, RELEASED_IMAGE_SIZES, RELEASED_T5_DIR, RELEASED_VAE_DIR
 from diffusion.train.state import list_checkpoints
 from diffusion.utils.arguments import device_name, positive_int
 from diffusion.utils.checkpoint import CheckpointError
 from diffusion.utils.config import ConfigError, add_cfg_options_argument, load_config
+from diffusion.utils.diffusers_interop import pipeline_part
 
 TOY_CONFIG = "configs/pixart_config/PixArt_toy_shapes.py"
 TOY_WORK_DIR = "output/quickstart/train"
@@ -37,8 +40,11 @@ def parse_args(argv=None):
     parser.add_argument("--config", help=f"config describing the model, T5 and VAE (default without --image_size: "
                                          f"{TOY_CONFIG})")
     add_cfg_options_argument(parser)
-    parser.add_argument("--model_path", help=f"checkpoint or diffusers folder (default with the toy config: the "
-                                             f"newest checkpoint in {TOY_WORK_DIR}/checkpoints)")
+    parser.add_argument("--model_path", help="a named model (tools/download.py --list; downloaded on first use), a "
+                                             "checkpoint, a diffusers transformer folder or a PixArtAlphaPipeline "
+                                             "folder (its T5 and VAE used unless --t5_path / --vae_path say "
+                                             "otherwise); default with the toy config: the newest checkpoint in "
+                                             f"{TOY_WORK_DIR}/checkpoints")
     parser.add_argument("--image_size", type=int, choices=RELEASED_IMAGE_SIZES,
                         help="released XL/2 model at this size (1024 = the multi-scale model)")
     parser.add_argument("--t5_path", help="T5 folder (or its parent holding t5-v1_1-xxl/); default: the config's "
@@ -79,12 +85,16 @@ def newest_checkpoint(work_dir):
 
 
 def build(args):
-    config_path = args.config or (None if args.image_size else TOY_CONFIG)
+    # a named model is fetched first; it, a PixArtAlphaPipeline folder or --image_size describes the model, else the
+    # toy config does
+    model_path, image_size = resolve_model_argument(args.model_path, args.image_size) if args.model_path else (
+        None, args.image_size)
+    config_path = args.config or (None if image_size or pipeline_part(model_path, "transformer") else TOY_CONFIG)
     cfg = load_config(config_path, args.cfg_options) if config_path else None
-    model_path = args.model_path or (newest_checkpoint(TOY_WORK_DIR) if config_path == TOY_CONFIG else None)
+    model_path = model_path or (newest_checkpoint(TOY_WORK_DIR) if config_path == TOY_CONFIG else None)
     if model_path is None:
         raise ValueError("give --model_path")
-    pipe = load_pipeline(model_path, config=cfg, image_size=args.image_size, t5_path=args.t5_path,
+    pipe = load_pipeline(model_path, config=cfg, image_size=image_size, t5_path=args.t5_path,
                          vae_path=args.vae_path, device=args.device, dtype=DTYPES[args.dtype],
                          t5_device=args.t5_device, loras=[(path, 1.0) for path in args.lora])
     options = toy_demo_options(cfg)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import argparse
 
 from diffusion.data.errors import DataError
+from diffusion.model_zoo import resolve_model_argument
 from diffusion.train.core import TrainingError, TrainOptions, train
 from diffusion.train.flavour import flavour_from_config
 from diffusion.train.workdir import RUNS_DIR, WorkDirError
@@ -50,9 +51,11 @@ def parse_args(argv=None):
                              f"run's checkpoints: it writes in WORK_DIR/{RUNS_DIR}/<run id>/ and no existing file is "
                              "touched (without it such a start is refused)")
     parser.add_argument("--load-from", "--load_from", dest="load_from", metavar="CKPT",
-                        help="initialise the weights from a checkpoint (released .pth included); non-strict, "
-                             "with a report of keys that did not match; training state starts fresh (an LCM run's "
-                             "teacher: read again, strictly, at every start, resumes included)")
+                        help="initialise the weights from a checkpoint (released .pth included), a diffusers "
+                             "transformer or PixArtAlphaPipeline folder, or a named model (PixArt-XL-2-512x512, ...: "
+                             "tools/download.py --list; downloaded on first use); non-strict, with a report of keys "
+                             "that did not match; training state starts fresh (an LCM run's teacher: read again, "
+                             "strictly, at every start, resumes included)")
     parser.add_argument("--report-to", "--report_to", dest="report_to", default="tensorboard",
                         help="experiment tracker for accelerate: tensorboard (default), none, or another tracker "
                              "accelerate supports (wandb, ...)")
@@ -68,9 +71,12 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.cfg_options)
+        load_from = args.load_from or cfg.load_from
+        if load_from:  # a named model (or its conventional path) is fetched first; every rank finds it on disk
+            load_from = str(resolve_model_argument(load_from)[0])
         options = TrainOptions(work_dir=args.work_dir or cfg.work_dir,
                                resume_from=args.resume_from or cfg.resume_from.get("checkpoint"),
-                               load_from=args.load_from or cfg.load_from, report_to=args.report_to,
+                               load_from=load_from, report_to=args.report_to,
                                debug=args.debug, allow_used_work_dir=args.allow_used_work_dir)
         result = train(cfg, options, flavour_from_config(cfg))  # LCM, DreamBooth, LoRA, ControlNet: as the config says
     except Exception as err:

@@ -56,8 +56,8 @@ def build_parser():
     parser.add_argument('--skip-condition', action='store_true',
                         help='ControlNet configs: do not extract the condition features of control_condition')
     parser.add_argument('--hed-checkpoint', default=None, metavar='PTH',
-                        help="the annotators' ControlNetHED.pth for control_condition='hed' (never downloaded; "
-                             "default output/pretrained_models/ControlNetHED.pth)")
+                        help="the annotators' ControlNetHED.pth for control_condition='hed' (default "
+                             "output/pretrained_models/ControlNetHED.pth, downloaded there when missing)")
     parser.add_argument('--batch-size', type=positive_int, default=32,
                         help='captions or images per encoder call (default 32)')
     parser.add_argument('--num-workers', type=int, default=0,

@@ -11,14 +11,16 @@ import torch
 import torch.nn as nn
 import torchvision.transforms.functional as TF
 
+from diffusion.model_zoo import MODEL_ZOO, fetch_conventional
 from diffusion.utils.checkpoint import load_state_dict_into, read_state_dict
 
-# The file name and place the released PixArt demo reads the annotator from.
-DEFAULT_HED_CHECKPOINT = Path("output/pretrained_models/ControlNetHED.pth")
+# The file name and place the released PixArt demo reads the annotator from (downloaded there when missing).
+DEFAULT_HED_CHECKPOINT = Path(MODEL_ZOO["ControlNetHED"].path)
 
 
 class HEDCheckpointNotFound(FileNotFoundError):
-    """HED edges were asked for but the annotator's weights are not on disk (they are never downloaded here)."""
+    """HED edges were asked for but the annotator's weights are not on disk (only its conventional place,
+    DEFAULT_HED_CHECKPOINT, downloads itself)."""
 
 
 class DoubleConvBlock(nn.Module):
@@ -69,13 +71,15 @@ def hed_edges(network, images):
 
 
 def load_hed(path=DEFAULT_HED_CHECKPOINT, device="cpu"):
-    """The HED network in eval mode from a local `ControlNetHED.pth` (loaded strictly, without running code)."""
-    path = Path(path)
+    """The HED network in eval mode from a local `ControlNetHED.pth` (loaded strictly, without running code);
+    DEFAULT_HED_CHECKPOINT is downloaded when it is missing (diffusion.model_zoo)."""
+    path = Path(fetch_conventional(path))
     if not path.is_file():
         raise HEDCheckpointNotFound(
             f"HED edges need the ControlNet annotators' HED network, expected at {path}: the file ControlNetHED.pth "
             "of lllyasviel/Annotators (class ControlNetHED_Apache2: norm, block1-5.convs.*, block1-5.projection.*); "
-            "download it there, or use Canny edges or a ready condition image instead")
+            "download it there (python tools/download.py ControlNetHED puts it in "
+            f"{DEFAULT_HED_CHECKPOINT}), or use Canny edges or a ready condition image instead")
     network = ControlNetHED_Apache2()
     load_state_dict_into(network, read_state_dict(path), strict=True, source=str(path))
     return network.to(device).eval().requires_grad_(False)

@@ -2,7 +2,9 @@
 before tokenisation (SPEC section 7).
 
 The encoder is read from a local folder laid out like `t5-v1_1-xxl` (tokenizer files + `T5EncoderModel`
-weights); nothing is downloaded. The toy encoder of `tools/build_toy_encoders.py` is such a folder too.
+weights), or from a diffusers pipeline folder (its `tokenizer/` and `text_encoder/`). The released folder's
+conventional place (output/pretrained_models/t5_ckpts) downloads itself when it is missing (diffusion.model_zoo);
+any other folder must be on disk. The toy encoder of `tools/build_toy_encoders.py` is such a folder too.
 """
 import html
 import re
@@ -71,6 +73,19 @@ def resolve_dtype(dtype, device):
     return DTYPES[dtype]
 
 
+def t5_parts(local_dir):
+    """(encoder folder, tokenizer folder) of a T5 folder (both itself) or of a diffusers pipeline folder
+    (`text_encoder/`, `tokenizer/`); the released folder is fetched first when it is missing from its place."""
+    from diffusion.model_zoo import fetch_conventional
+    from diffusion.utils.diffusers_interop import pipeline_part
+
+    local_dir = Path(fetch_conventional(local_dir))
+    encoder, tokenizer = pipeline_part(local_dir, 'text_encoder'), pipeline_part(local_dir, 'tokenizer')
+    if encoder is not None and tokenizer is not None:
+        return encoder, tokenizer
+    return local_dir, local_dir
+
+
 class CaptionTokenizer:
     """The tokenizer of a local T5 folder applied as T5Embedder applies it (captions cleaned, special tokens added,
     padded and truncated to `model_max_length`), without the encoder weights: cheap enough to check prompts
@@ -79,16 +94,16 @@ class CaptionTokenizer:
     def __init__(self, local_dir, model_max_length=T5_TOKENS, clean_captions=True):
         from transformers import AutoTokenizer
 
-        local_dir = Path(local_dir)
-        if not (local_dir / 'config.json').is_file():
-            raise FileNotFoundError(f'T5 folder {local_dir} has no config.json: expected a local T5 encoder folder '
-                                    f'such as t5-v1_1-xxl (tokenizer files, config.json and weights)')
+        self.local_dir, self.tokenizer_dir = t5_parts(local_dir)
+        if not (self.local_dir / 'config.json').is_file():
+            raise FileNotFoundError(f'T5 folder {self.local_dir} has no config.json: expected a local T5 encoder '
+                                    'folder such as t5-v1_1-xxl (tokenizer files, config.json and weights) or a '
+                                    'diffusers pipeline folder (tokenizer/ and text_encoder/)')
         if model_max_length < 1:
             raise ValueError(f'model_max_length must be >= 1, got {model_max_length}')
-        self.local_dir = local_dir
         self.model_max_length = model_max_length
         self.clean_captions = clean_captions
-        self.tokenizer = AutoTokenizer.from_pretrained(local_dir, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
 
     def _cleaned(self, texts):
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
@@ -113,7 +128,8 @@ class T5Embedder(CaptionTokenizer):
     added, padded, truncated), on `device`.
 
     `local_dir`: a folder with the tokenizer (`spiece.model` + `tokenizer_config.json`, or `tokenizer.json`)
-    and a `T5EncoderModel` (`config.json` + weights), e.g. output/pretrained_models/t5_ckpts/t5-v1_1-xxl.
+    and a `T5EncoderModel` (`config.json` + weights), e.g. output/pretrained_models/t5_ckpts/t5-v1_1-xxl, or a
+    diffusers pipeline folder holding them in `tokenizer/` and `text_encoder/`.
     `torch_dtype`: 'fp32', 'fp16', 'bf16' or None (bf16 on CUDA, fp32 otherwise). `load_in_8bit`: quantise
     the encoder with bitsandbytes (CUDA only). `clean_captions`: apply `clean_caption` first.
     """

@@ -33,9 +33,8 @@ def build_train_data(cfg, rank, world_size, num_workers, device, dataset=None):
                         generator=torch.Generator().manual_seed(cfg.seed + rank))
     vae = None
     if not cfg.data.get("load_vae_feat", True) or (cfg.eval_interval and cfg.validation_prompts):
-        from diffusers import AutoencoderKL
-        vae = AutoencoderKL.from_pretrained(cfg.vae_pretrained, local_files_only=True).to(device).eval()
-        vae.requires_grad_(False)
+        from diffusion.pipeline import load_vae
+        vae = load_vae(cfg.vae_pretrained, device)  # a pipeline folder's vae/, or the released one fetched if missing
     visualizer = None
     if cfg.eval_interval and cfg.validation_prompts:
         from diffusion.train.visualize import ValidationGrids

@@ -279,7 +279,8 @@ def _generate_class_images(cfg, settings, load_from, device, folder, jobs):
         f"DreamBooth: generating {len(jobs)} class images of {_describe_prompts(settings.class_prompts)} with "
         f"{load_from} ({settings.class_sampler}, {settings.class_sampling_steps} steps, guidance "
         f"{settings.class_cfg_scale}) into {folder}")
-    pipe = load_pipeline(load_from, config=cfg, device=device)
+    # the config's encoders, which the training features come from, even when load_from is a pipeline folder
+    pipe = load_pipeline(load_from, config=cfg, t5_path=cfg.t5_pretrained, vae_path=cfg.vae_pretrained, device=device)
     prompts = list(dict.fromkeys(settings.class_prompts))
     features, mask = pipe.encode(prompts)
     pipe.free_text_encoder()

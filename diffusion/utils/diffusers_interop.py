@@ -23,6 +23,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"  # sharded: weight_map key -> shard file
 WEIGHTS_BIN_FILE = "diffusion_pytorch_model.bin"
+PIPELINE_INDEX_FILE = "model_index.json"  # a diffusers pipeline folder (PixArtAlphaPipeline): one subfolder a part
 # Transformer2DModel: what diffusers < 0.28 called the PixArt transformer (the released diffusers repos say so)
 CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
 _REQUIRED_CONFIG_KEYS = ("sample_size", "num_layers", "num_attention_heads", "attention_head_dim", "in_channels",
@@ -233,6 +234,17 @@ def save_diffusers_transformer(state_dict, arch, out_dir, dtype=None):
         atomic_save({"y_embedding": extras["y_embedding"].to(dtype or extras["y_embedding"].dtype)},
                     out_dir / NULL_CAPTION_FILE)
     return out_dir
+
+
+def pipeline_part(path, part):
+    """`path/part` when `path` is a diffusers pipeline folder (it has model_index.json) holding that part
+    ('transformer', 'text_encoder', 'tokenizer', 'vae', 'scheduler'), else None."""
+    if path is None:
+        return None
+    path = Path(path)
+    if (path / PIPELINE_INDEX_FILE).is_file() and (path / part).is_dir() and any((path / part).iterdir()):
+        return path / part
+    return None
 
 
 def find_transformer_folder(path):
