@@ -153,7 +153,7 @@ def test_sampler_projects_the_captions_once_and_samples_as_with_the_features_eve
         plain = spec.fn(model_fn, noise, 4, generator=[1, 2])
     assert len(projections) > 4  # one per model evaluation
     # float32 reassociation only (the projection runs once on the stacked captions instead of once a step): up to
-    # 1.25e-6 was seen for iddpm on some machines, about 10 ulps of values near 1; a wrong caption is off by > 1e-2
+    # 1.25e-6 was seen for iddpm on some machines, about 10 ulps of values near 1
     torch.testing.assert_close(encoded, ((plain + 1) / 2).clamp(0, 1), rtol=0, atol=1e-5)
 
 
