@@ -132,7 +132,7 @@ def test_shape_masks_of_the_held_out_renders_match_their_own_scenes_and_not_othe
     assert sum(blurred) / len(blurred) >= 0.95
 
 
-def test_a_scene_mask_has_the_render_s_jitter_and_only_the_shapes():
+def test_a_scene_mask_matches_its_render_jitter_included():
     scene, rng = sample_scene(0, 'val', 3)
     jittered = render_scene_mask(scene, 64, sample_scene(0, 'val', 3)[1])
     assert (jittered == scene_masks(0, 'val', [3])[0]).all()

@@ -14,5 +14,5 @@ max_steps = 1000
 optimizer = dict(type='AdamW', lr=1e-3, weight_decay=0.0, eps=1e-8)
 lr_schedule = 'cosine'
 lr_schedule_args = dict(num_warmup_steps=50)
-save_model_epochs = 1000  # the run is short: its last step is saved (scripts/train.py saves at the end)
+save_model_epochs = 1000  # no checkpoint per epoch: the training core saves the last step (and on a stop signal)
 work_dir = 'output/toy_controlnet'
