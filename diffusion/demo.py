@@ -197,7 +197,9 @@ def build_demo(sampler, text_encoder, title="PixArt-α", examples=(), note=None,
             with gr.Column():
                 gallery = gr.Gallery(label="Images", elem_id="gallery", columns=2)
                 status = gr.Markdown(elem_id="status")
-                control_outputs = [gr.Image(label="Condition used", elem_id="condition")] if controlnet else []
+                # PNG: an edge map is shown exactly as the model got it (Gradio's default WebP is lossy)
+                control_outputs = ([gr.Image(label="Condition used", elem_id="condition", format="png")]
+                                   if controlnet else [])
         sampler_label.change(lambda label: (gr.update(value=DEFAULT_STEPS[SAMPLER_CHOICES[label]]),
                                             gr.update(interactive=get_sampler(SAMPLER_CHOICES[label]).guided)),
                              sampler_label, [steps, guidance])

@@ -18,7 +18,7 @@ import torch
 
 from diffusion.data.aspect_ratios import aspect_ratio_table, closest_bucket, table_names
 from diffusion.model.builder import build_controlnet, build_model, build_model_from_config, is_multi_scale
-from diffusion.model.nets.pixart_controlnet import controlnet_copy_count
+from diffusion.model.nets.pixart_controlnet import ControlPixArtHalf, controlnet_copy_count
 from diffusion.model.guidance import cfg_inputs, guided_model
 from diffusion.model.t5 import CaptionTokenizer, T5Embedder
 from diffusion.model_zoo import fetch_conventional, resolve_model_argument
@@ -189,10 +189,13 @@ def load_loras(model, loras, merge=False):
     """Add LoRA adapters to a transformer and return {adapter name: path}. `loras`: (path, scale) pairs, a path
     being a peft adapter folder (diffusers' module names: ours, PixArt-LCM-LoRA, ...) or a LoRA training checkpoint
     (its EMA adapter). All act together, each at its scale; `merge` folds them into the weights (as fast as no
-    adapter; they can then no longer be switched, and {} is returned)."""
+    adapter; they can then no longer be switched, and {} is returned). On a ControlNet the adapters go into its
+    `base_model`, the PixArt they were trained on; the ControlNet copies keep their own weights (as a diffusers
+    ControlNet beside a LoRA'd transformer)."""
     from diffusion.model.lora import add_adapter, merge_adapters, use_adapters
     from diffusion.train.lora import adapter_from_checkpoint
     from diffusion.utils.lora_interop import load_adapter
+    model = model.base_model if isinstance(model, ControlPixArtHalf) else model
     names, scales = {}, {}
     for path, scale in loras:
         path = Path(path)

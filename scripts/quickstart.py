@@ -149,15 +149,21 @@ def main(argv=None):
     print("open the demo on this model:  python scripts/interface.py   (then http://127.0.0.1:7860)")
 
 
-def train_toy(cfg, work_dir):
+def train_toy(cfg, work_dir, load_from=None):
+    """Train (or resume, or find finished) `cfg` in `work_dir`, with the config's flavour; `load_from`: the weights it
+    starts from (a ControlNet's base). Returns {"checkpoint", "losses"}; a run stopped by a signal exits, saying so."""
     from diffusion.train.core import TrainOptions, train
     from diffusion.train.state import checkpoint_step, list_checkpoints
     done = list_checkpoints(REPO / work_dir)
     if done and checkpoint_step(done[-1]) >= cfg.max_steps:
         print(f"found {done[-1]}")
         return {"checkpoint": done[-1], "losses": []}
-    options = TrainOptions(work_dir=str(REPO / work_dir), resume_from="auto", report_to="tensorboard")
-    result = train(cfg.with_overrides({"data_root": str(REPO / cfg.data_root)}), options)
+    options = TrainOptions(work_dir=str(REPO / work_dir), resume_from="auto", report_to="tensorboard",
+                           load_from=None if load_from is None else str(load_from))
+    result = train(cfg.with_overrides({"data_root": str(REPO / cfg.data_root)}), options)  # the config's flavour
+    if result.stopped_by_signal:  # a stopped run is not a trained model: nothing after it may score it as one
+        sys.exit(f"training stopped by a signal at step {result.global_step} of {cfg.max_steps} (checkpoint "
+                 f"{result.last_checkpoint}); run the same command again to resume")
     return {"checkpoint": result.last_checkpoint, "losses": result.losses}
 
 
@@ -181,8 +187,8 @@ def sample_and_score(cfg, trained, dataset, out, args):
         batch = pipe.sample(features, mask, cfg.image_size, cfg.image_size, seeds, args.sampler, steps, cfg_scale)
         images[split] = [to_pil_image(image) for image in batch]
         scores[split] = alignment_report(images[split], [parse_caption(t) for t in texts], held_out)
-    write_labelled_grid({k: v[:GRID_COLUMNS] for k, v in images.items()},
-                        {k: v[:GRID_COLUMNS] for k, v in prompts.items()}, out / "samples.png")
+    write_labelled_grid({f"{k} prompts": v[:GRID_COLUMNS] for k, v in images.items()},
+                        {f"{k} prompts": v[:GRID_COLUMNS] for k, v in prompts.items()}, out / "samples.png")
     losses = trained["losses"]
     return {"checkpoint": str(trained["checkpoint"]), "train_steps": cfg.max_steps,
             "sampler": {"name": args.sampler, "steps": steps, "cfg_scale": cfg_scale},
@@ -191,7 +197,8 @@ def sample_and_score(cfg, trained, dataset, out, args):
 
 
 def write_labelled_grid(images, prompts, path, scale=3):
-    """One row per split, each image enlarged and captioned with its prompt (wrapped)."""
+    """One row per key of `images` (the key is the row's title), each image enlarged and captioned with its text in
+    `prompts` under the same key (wrapped)."""
     import textwrap
 
     from PIL import Image, ImageDraw
@@ -202,10 +209,10 @@ def write_labelled_grid(images, prompts, path, scale=3):
     label_h = 56
     grid = Image.new("RGB", (columns * (cell + 8) + 8, len(images) * (cell + label_h + 24) + 8), "white")
     draw = ImageDraw.Draw(grid)
-    for row, split in enumerate(images):
+    for row, title in enumerate(images):
         top = 8 + row * (cell + label_h + 24)
-        draw.text((8, top), f"{split} prompts", fill="black")
-        for col, (image, text) in enumerate(zip(images[split], prompts[split])):
+        draw.text((8, top), title, fill="black")
+        for col, (image, text) in enumerate(zip(images[title], prompts[title])):
             left = 8 + col * (cell + 8)
             grid.paste(image.resize((cell, cell), Image.NEAREST), (left, top + 16))
             draw.multiline_text((left, top + 20 + cell), "\n".join(textwrap.wrap(text, width=cell // 6)[:4]),

@@ -1,4 +1,5 @@
-"""The Gradio demo driven in a real headless Chromium: an image appears; an empty prompt gets a message."""
+"""The Gradio demo driven in a real headless Chromium: an image appears; an empty prompt gets a message; a
+ControlNet model's control image is uploaded, its edge map shown and the images generated under its control."""
 import os
 import socket
 import subprocess
@@ -21,13 +22,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def demo_url(tiny_pipeline):
-    root, config = tiny_pipeline
+def serve_demo(config, model_path):
+    """Start scripts/interface.py on `config` and `model_path` on a free port; yields its URL, stops it after."""
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     proc = subprocess.Popen([sys.executable, str(REPO / "scripts/interface.py"), "--config", str(config),
-                             "--model_path", str(root / "model.pth"), "--port", str(port), "--device", "cpu"],
+                             "--model_path", str(model_path), "--port", str(port), "--device", "cpu"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
@@ -47,18 +47,28 @@ def demo_url(tiny_pipeline):
     proc.wait(timeout=30)
 
 
-@pytest.fixture
-def page(demo_url):
-    """A fresh page (playwright starts Chromium with a new empty profile) on the demo."""
+@pytest.fixture(scope="module")
+def demo_url(tiny_pipeline):
+    root, config = tiny_pipeline
+    yield from serve_demo(config, root / "model.pth")
+
+
+def open_page(url):
+    """A fresh page (playwright starts Chromium with a new empty profile) on the demo at `url`."""
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM, headless=True,
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                   "--disable-sync", "--no-first-run", "--disable-quic"])
         page = browser.new_page()
-        page.goto(demo_url, timeout=60_000)
+        page.goto(url, timeout=60_000)
         yield page
         browser.close()
+
+
+@pytest.fixture
+def page(demo_url):
+    yield from open_page(demo_url)
 
 
 def test_generate_shows_an_image(page):
@@ -95,3 +105,76 @@ def test_a_toy_model_offers_clickable_examples_and_names_its_vocabulary(page, ti
     image = page.locator("#gallery img").first
     image.wait_for(state="visible", timeout=120_000)
     assert image.evaluate("img => getComputedStyle(img).imageRendering") in ("pixelated", "crisp-edges")
+
+
+# ---------------------------------------------------------------- the ControlNet tab
+
+@pytest.fixture(scope="module")
+def controlnet_demo(tiny_pipeline):
+    """The demo serving a tiny ControlNet (one copied block of a 2-block toy-sized PixArt, every weight random and
+    nonzero, so the control changes the image) with the tiny pipeline's T5, VAE and toy dataset; yields (url, root)."""
+    from diffusion.model.nets import ControlPixArtHalf, PixArt
+    from diffusion.utils.checkpoint import save_weights
+    from tests.conftest import randomize
+    root, _ = tiny_pipeline
+    base = PixArt(input_size=8, hidden_size=96, depth=2, num_heads=4, caption_channels=32, model_max_length=48)
+    model = randomize(ControlPixArtHalf(base, copy_blocks_num=1), seed=4, scale=0.02)
+    save_weights(model.state_dict(), root / "controlnet.pth")
+    config = root / "controlnet_config.py"
+    config.write_text(f"""_base_ = [{str(REPO / 'configs/PixArt_xl2_internal.py')!r}]
+model = 'PixArt'
+model_kwargs = dict(depth=2, hidden_size=96, num_heads=4, patch_size=2)
+image_size = 64
+caption_channels = 32
+model_max_length = 48
+t5_pretrained = {str(root / 't5')!r}
+vae_pretrained = {str(root / 'vae')!r}
+scale_factor = 1.0
+data_root = {str(root)!r}
+data = dict(type='InternalData', root='toy')
+""")
+    for url in serve_demo(config, root / "controlnet.pth"):
+        yield url, root
+
+
+@pytest.fixture
+def controlnet_page(controlnet_demo):
+    yield from open_page(controlnet_demo[0])
+
+
+def test_the_controlnet_tab_uploads_a_control_image_shows_its_edge_map_and_generates(controlnet_page, controlnet_demo,
+                                                                                    tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from diffusion.data.conditions import make_condition
+    from diffusion.data.toy_shapes import Scene, Shape, render_scene
+    page = controlnet_page
+    photo = render_scene(Scene("gray", (Shape("red", "circle", "large", "left"),
+                                        Shape("blue", "square", "small", "top right"))), 64)
+    photo.save(tmp_path / "scene.png")
+    page.locator("#prompt textarea").fill("a large red circle on the left, on a gray background")
+    page.locator("#control-image input[type=file]").set_input_files(str(tmp_path / "scene.png"))
+    page.locator("#control-image img").first.wait_for(state="visible", timeout=60_000)  # the upload is shown
+    page.locator("#generate").click()
+    page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
+    status = page.locator("#status").inner_text(timeout=30_000)
+    assert status.startswith("Generated 1 image(s) of 64 x 64") and "controlled by Canny edges at scale 1" in status
+    shown = page.locator("#condition img").first
+    shown.wait_for(state="visible", timeout=30_000)
+    src = shown.get_attribute("src")
+    with urllib.request.urlopen(src if src.startswith("http") else controlnet_demo[0].rstrip("/") + src) as response:
+        edge_map = np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"))
+    expected = ((make_condition(photo, 64, 64, "canny")[0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    assert edge_map.shape == (64, 64, 3) and (expected > 0).any()
+    assert (edge_map == expected).all()  # the Canny edge map of the upload, exactly (sent as PNG)
+
+
+def test_the_controlnet_tab_without_a_control_image_samples_the_base_model_and_says_so(controlnet_page):
+    page = controlnet_page
+    page.locator("#prompt textarea").fill("a large red circle on the left, on a gray background")
+    page.locator("#generate").click()
+    page.locator("#gallery img").first.wait_for(state="visible", timeout=120_000)
+    assert "without control (no control image)" in page.locator("#status").inner_text(timeout=30_000)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from diffusion.data.toy_shapes import Scene, Shape, caption, render_scene, write_toy_dataset
+from diffusion.data.toy_shapes import Scene, Shape, caption, render_scene, sample_scene, write_toy_dataset
 from tools import eval_toy_alignment as tool
 
 
@@ -44,6 +44,7 @@ def test_a_dataset_split_scores_its_own_images_and_the_held_out_pairs(tmp_path, 
     report = json.loads((tmp_path / 'r.json').read_text())
     assert report['num_images'] == 12
     assert report['all_shapes']['all'] >= 0.9 and report['held_out_pairs']['all'] >= 0.9
+    assert report['mask_iou'] == {'images': 12, 'mean': 1.0}  # each render against its own record's masks
     assert 'held-out pairs' in capsys.readouterr().out
 
 
@@ -85,3 +86,28 @@ def test_a_new_kind_is_scored_under_its_word(tmp_path):
         tool.evaluate(tool.read_generated(folder))  # 'sks' means nothing without it
     with pytest.raises(SystemExit):
         tool.parse_args([str(folder), '--new-kind', 'sks=star'])
+
+
+def test_controlled_images_get_the_mask_iou_with_their_control_record_s_shapes(tmp_path, capsys):
+    toy = tmp_path / 'toy'
+    write_toy_dataset(toy, num_train=2, num_val=6, num_unseen=2, progress=False)
+    records = json.loads((toy / 'partition' / 'val_info.json').read_text())
+    folder = tmp_path / 'gen'
+    folder.mkdir()
+    with open(folder / 'metadata.jsonl', 'w') as meta:
+        for i in range(6):  # images 0-2 show their control record; 3-5 show another record than their control
+            shown = i if i < 3 else (i + 1) % 6
+            scene, rng = sample_scene(0, 'val', shown)
+            render_scene(scene, 64, rng).save(folder / f'{i}.png')
+            meta.write(json.dumps({'file': f'{i}.png', 'prompt': records[i]['prompt'],
+                                   'control_image': str(toy / 'images' / records[i]['path'])}) + '\n')
+        meta.write(json.dumps({'file': '0.png', 'prompt': records[0]['prompt'],
+                               'control_image': str(tmp_path / 'elsewhere.png')}) + '\n')  # not a record: no IoU
+    tool.main([str(folder), '--data', str(toy), '--json', str(tmp_path / 'r.json')])
+    report = json.loads((tmp_path / 'r.json').read_text())
+    ious = [image.get('mask_iou') for image in report['images']]
+    assert ious[:3] == [1.0, 1.0, 1.0] and max(ious[3:6]) < 0.5 and ious[6] is None
+    assert report['mask_iou']['images'] == 6 and report['mask_iou']['mean'] == pytest.approx(sum(ious[:6]) / 6)
+    assert "mask IoU with the control records' shapes" in capsys.readouterr().out
+    tool.main([str(folder)])  # without --data: no ground truth, no IoU
+    assert 'mask IoU' not in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Sampling with LoRA adapters: scripts/inference.py --lora / --lora_scale / --lora_merge, load_pipeline, the demo's
 adapter picker and scale slider (tiny model, T5 and VAE)."""
+import copy
 import json
 
 import numpy as np
@@ -114,3 +115,64 @@ def test_a_lora_checkpoint_given_as_the_model_is_pointed_to_lora(tiny_pipeline, 
                tmp_path / "run.pth")
     with pytest.raises(SystemExit, match="is a LoRA training checkpoint: .* as a LoRA adapter \\(--lora\\)"):
         inference.main(["--config", str(config), "--model_path", str(tmp_path / "run.pth"), "--prompt", "a red circle"])
+
+
+# ---------------------------------------------------------------- LoRA on a ControlNet
+
+def test_a_lora_on_a_controlnet_adapts_its_base_model_and_leaves_the_copies_alone(tmp_path):
+    from diffusion.model.lora import lora_layers, use_adapters
+    from diffusion.model.nets import ControlPixArtHalf, PixArt
+    from diffusion.pipeline import load_loras
+    from tests.conftest import randomize, tiny_inputs, tiny_model
+    base = tiny_model(PixArt)  # 2 blocks
+    trained = copy.deepcopy(base)  # the adapter is trained on the plain base, saved in diffusers' names
+    names = resolve_targets(trained, ("self_attention", "cross_attention", "mlp"))
+    add_adapter(trained, LoraSpec({n: 4 for n in names}, {n: 4.0 for n in names}))
+    randomize_adapters(trained, 7, scale=1.0)
+    folder = save_adapter(trained, tmp_path / "adapter")
+    control = ControlPixArtHalf(copy.deepcopy(base), copy_blocks_num=1).eval()
+    randomize(control.controlnet, seed=8)  # nonzero projections: the control acts
+    plain = copy.deepcopy(control)
+    lora_base = copy.deepcopy(base)
+    assert load_loras(control, [(folder, 0.7)]) == {"lora0": str(folder)}
+    load_loras(lora_base, [(folder, 0.7)])
+    assert {name.split(".")[0] for name, _ in lora_layers(control)} == {"base_model"}
+    x, t, y, mask, _ = tiny_inputs()
+    c = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        # without a control, the ControlNet with the LoRA is the base model with the LoRA
+        torch.testing.assert_close(control(x, t, y, mask), lora_base(x, t, y, mask), rtol=0, atol=1e-6)
+        controlled = control(x, t, y, mask, c=c)
+        assert (controlled - plain(x, t, y, mask, c=c)).abs().max() > 1e-3  # the adapter acts under control too
+        assert (controlled - control(x, t, y, mask)).abs().max() > 1e-3  # and so does the control
+        use_adapters(control, {})
+        torch.testing.assert_close(control(x, t, y, mask, c=c), plain(x, t, y, mask, c=c), rtol=0, atol=0)
+
+
+def test_a_controlnet_pipeline_samples_with_a_lora_merged_or_not(tiny_pipeline, tmp_path):
+    from diffusion.data.conditions import control_latent_of_image
+    from diffusion.data.toy_shapes import Scene, Shape, render_scene
+    from diffusion.model.nets import ControlPixArtHalf, PixArt
+    from diffusion.utils.checkpoint import save_weights
+    from tests.conftest import randomize
+    root, config = tiny_pipeline
+    base = randomize(PixArt(input_size=8, hidden_size=96, depth=2, num_heads=4, caption_channels=32,
+                            model_max_length=48), scale=0.02)
+    names = resolve_targets(base, ("self_attention", "cross_attention", "mlp"))
+    adapted = add_adapter(copy.deepcopy(base), LoraSpec({n: 2 for n in names}, {n: 2.0 for n in names}))
+    folder = save_adapter(randomize_adapters(adapted, 3, scale=1.0), tmp_path / "adapter")
+    save_weights(randomize(ControlPixArtHalf(base, copy_blocks_num=1), seed=4, scale=0.02).state_dict(),
+                 tmp_path / "controlnet.pth")
+    cfg = load_config(config, {"model_kwargs": dict(depth=2, hidden_size=96, num_heads=4, patch_size=2)})
+    scene = render_scene(Scene("gray", (Shape("red", "circle", "large", "left"),)), 64)
+    images = {}
+    for name, options in (("plain", {}), ("lora", {"loras": [(folder, 1.0)]}),
+                          ("merged", {"loras": [(folder, 1.0)], "merge_loras": True})):
+        pipe = load_pipeline(tmp_path / "controlnet.pth", config=cfg, **options)
+        c = control_latent_of_image(scene, pipe.vae, 64, 64, pipe.scale_factor)
+        features, mask = pipe.text_encoder.get_text_embeddings(PROMPTS)
+        images[name] = pipe.sample(features, mask, 64, 64, [1, 2], "dpm-solver", 3, cfg_scale=3.0,
+                                   extra_inputs=dict(c=c, conditioning_scale=1.0))
+    torch.testing.assert_close(images["merged"], images["lora"], rtol=0, atol=1e-4)
+    assert (images["lora"] - images["plain"]).abs().max() > 1e-2
+

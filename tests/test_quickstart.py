@@ -31,3 +31,16 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"found {tmp_path / 'data' / 'toy_shapes'}" in out and "found " in out.split("== 2/5")[1].split("== 3/5")[0]
     assert "step_3.pth" in out.split("== 4/5")[1].split("== 5/5")[0]
+
+
+def test_a_training_stopped_by_a_signal_ends_the_run_instead_of_being_scored(tmp_path, monkeypatch):
+    import pytest
+
+    from diffusion.train import core
+    from diffusion.utils.config import load_config
+    stopped = core.TrainResult(tmp_path, global_step=7, epoch=0, last_checkpoint=tmp_path / "epoch_1_step_7.pth",
+                               stopped_by_signal=True)
+    monkeypatch.setattr(core, "train", lambda cfg, options: stopped)
+    cfg = load_config(quickstart.REPO / quickstart.CONFIG)
+    with pytest.raises(SystemExit, match="training stopped by a signal at step 7 of 5000.*again to resume"):
+        quickstart.train_toy(cfg, tmp_path / "train")

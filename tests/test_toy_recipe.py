@@ -16,10 +16,16 @@ from diffusion.data.toy_shapes import (
     Shape,
     alignment_scores,
     caption,
+    contradicting_scene,
     held_out_pairs,
+    mask_iou,
+    mirrored_cell,
     parse_caption,
     render_scene,
+    render_scene_mask,
     sample_scene,
+    scene_masks,
+    shape_mask,
     write_toy_dataset,
 )
 from diffusion.model.builder import build_model_from_config
@@ -113,6 +119,52 @@ def test_a_spurious_blob_or_a_missing_shape_makes_the_count_wrong():
     assert scores['count'] == 0 and scores['position'] == 1 and scores['colour'] == 1
     two = Scene('gray', scene.shapes + (Shape('blue', 'square', 'small', 'top right'),))
     assert alignment_scores([image], [two])['count'] == 0  # the second shape is missing
+
+
+def test_shape_masks_of_the_held_out_renders_match_their_own_scenes_and_not_others():
+    scenes, images = held_out_evaluation_scenes()
+    truth = scene_masks(0, 'val', range(200)) + scene_masks(0, 'unseen', range(200))
+    own = [mask_iou(shape_mask(image), mask) for image, mask in zip(images, truth)]
+    other = [mask_iou(shape_mask(image), truth[(i + 1) % len(truth)]) for i, image in enumerate(images)]
+    assert min(own) >= 0.98 and sum(own) / len(own) >= 0.995
+    assert sum(other) / len(other) <= 0.15
+    # blurred as the toy VAE's reconstructions are (0.5-0.8 px), shapes keep their masks
+    blurred = [mask_iou(shape_mask(im.filter(ImageFilter.GaussianBlur(0.8))), mask) for im, mask in zip(images, truth)]
+    assert sum(blurred) / len(blurred) >= 0.95
+
+
+def test_a_scene_mask_matches_its_render_jitter_included():
+    scene, rng = sample_scene(0, 'val', 3)
+    jittered = render_scene_mask(scene, 64, sample_scene(0, 'val', 3)[1])
+    assert (jittered == scene_masks(0, 'val', [3])[0]).all()
+    assert (shape_mask(render_scene(scene, 64, rng)) == jittered).all()
+    assert not (render_scene_mask(scene, 64) == jittered).all()  # without the record's rng: no jitter
+    empty = Scene('gray', ())
+    assert not render_scene_mask(empty, 64).any() and not shape_mask(render_scene(empty, 64)).any()
+    large = Scene('white', (Shape('blue', 'square', 'large', 'center'),))
+    side = round(0.9 * 0.28 * 64)  # a square's side is 0.9 of its extent
+    assert abs(int(render_scene_mask(large, 64).sum()) - side * side) <= 2 * side
+
+
+def test_mask_iou_counts_overlap_over_union():
+    a = torch.zeros(8, 8, dtype=torch.bool)
+    b = a.clone()
+    a[:4] = True
+    b[2:6] = True
+    assert mask_iou(a.numpy(), b.numpy()) == pytest.approx(16 / 48)
+    assert mask_iou(a.numpy(), a.numpy()) == 1 and mask_iou(~a.numpy(), a.numpy()) == 0
+    assert mask_iou(torch.zeros(8, 8, dtype=torch.bool).numpy(), torch.zeros(8, 8, dtype=torch.bool).numpy()) == 1
+    with pytest.raises(ValueError, match=r'masks of different shapes: \(8, 8\) and \(4, 4\)'):
+        mask_iou(a.numpy(), a.numpy()[:4, :4])
+
+
+def test_a_contradicting_scene_mirrors_every_shape_and_takes_the_next_kind():
+    scene = Scene('gray', (Shape('red', 'circle', 'large', 'left'), Shape('blue', 'triangle', 'small', 'top right')))
+    assert contradicting_scene(scene) == Scene('gray', (Shape('red', 'square', 'large', 'right'),
+                                                        Shape('blue', 'circle', 'small', 'bottom left')))
+    assert mirrored_cell('top') == 'bottom' and mirrored_cell('bottom right') == 'top left'
+    with pytest.raises(ValueError, match='the center has no mirrored cell'):
+        contradicting_scene(Scene('gray', (Shape('red', 'circle', 'large', 'center'),)))
 
 
 def test_the_dataset_writer_lays_out_internal_data_and_guards_existing_folders(tmp_path):

@@ -9,7 +9,11 @@ fill, by extent and by grid cell) and compared with the scene its prompt describ
   colour      ... of the named colour        kind  ... of the named kind (circle/square/triangle; --new-kind)
   size        ... of the named size          all   every attribute of the shape right
 and the same per-shape scores for the shapes whose colour-kind pair no training image has, when the dataset
-(--data) says which pairs were held out.
+(--data) says which pairs were held out. With --data, images steered by a ControlNet whose control image is a record
+of that dataset (metadata.jsonl's `control_image`, e.g. data/toy_shapes/images/val/00003.png) also get
+  mask IoU    intersection over union of the image's shape mask (`shape_mask`: the blobs the judge reads, at half
+              their contrast) with the control record's shapes as the toy renderer drew them (`render_scene_mask`)
+and a split scored by --split gets it against its own records (the judge's ceiling: 1.00 on the renders).
 
 Inputs: a folder written by scripts/inference.py (its metadata.jsonl names each image and its prompt), or a
 split of the toy dataset itself (--split: the dataset's own images, i.e. the detector's ceiling). Examples:
@@ -18,6 +22,11 @@ split of the toy dataset itself (--split: the dataset's own images, i.e. the det
       --output-dir output/toy_samples
   python tools/eval_toy_alignment.py output/toy_samples --data data/toy_shapes
   python tools/eval_toy_alignment.py --data data/toy_shapes --split unseen
+  # a toy ControlNet (scripts/toy_controlnet.py) steered by a held-out scene's edges: mask IoU with its shapes
+  python scripts/inference.py --config configs/pixart_app_config/PixArt_toy_controlCanny.py \\
+      --model_path output/toy_controlnet/train/checkpoints/<latest>.pth --control_image \\
+      data/toy_shapes/images/val/00000.png --prompt "<its caption>" --output-dir output/toy_control_samples
+  python tools/eval_toy_alignment.py output/toy_control_samples --data data/toy_shapes
 """
 import sys
 from pathlib import Path
@@ -30,16 +39,8 @@ import json
 from PIL import Image
 
 from diffusion.data import paths
-from diffusion.data.toy_shapes import (
-    KINDS,
-    MANIFEST,
-    NEW_KINDS,
-    SPLIT_FILES,
-    alignment_report,
-    caption,
-    detect_scene,
-    parse_caption,
-)
+from diffusion.data.toy_shapes import (KINDS, MANIFEST, NEW_KINDS, SPLIT_FILES, alignment_report, caption,
+                                       detect_scene, mask_iou, parse_caption, scene_masks, shape_mask)
 from diffusion.utils.fileio import atomic_write_text
 
 ATTRIBUTES = ('background', 'count', 'position', 'colour', 'kind', 'size', 'all')
@@ -80,7 +81,7 @@ def parse_args(argv=None):
 
 
 def read_generated(folder):
-    """[(image path, prompt)] from a scripts/inference.py output folder."""
+    """[(image path, prompt, where, control image path or None)] from a scripts/inference.py output folder."""
     folder = Path(folder)
     meta = folder / 'metadata.jsonl'
     if not meta.is_file():
@@ -93,40 +94,61 @@ def read_generated(folder):
         try:
             record = json.loads(line)
             name, prompt = record['file'], record['prompt']
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            control = record.get('control_image')
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise EvalError(f'{meta} line {number}: expected a JSON object with "file" and "prompt" ({err})') from None
-        items.append((folder / name, prompt, f'{meta} line {number}'))
+        items.append((folder / name, prompt, f'{meta} line {number}', control))
     if not items:
         raise EvalError(f'{meta} lists no images')
     return items
 
 
-def read_split(data, split):
-    """[(image path, prompt)] of one split of the toy dataset."""
+def split_records(data, split):
+    """(annotation file, its records) of one split of the toy dataset."""
     annotation = paths.annotation_path(data, SPLIT_FILES[split])
     try:
-        records = json.loads(Path(annotation).read_text())
+        return annotation, json.loads(Path(annotation).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise EvalError(f'cannot read {annotation}: {err}; '
                         f'expected a toy dataset (tools/make_toy_dataset.py)') from None
-    return [(Path(paths.image_path(data, r['path'])), r['prompt'], f'{annotation} record {i}')
-            for i, r in enumerate(records)]
 
 
-def held_out_pairs_of(data):
+def read_split(data, split):
+    """[(image path, prompt, where, image path)] of one split of the toy dataset: each image is its own control."""
+    annotation, records = split_records(data, split)
+    return [(Path(paths.image_path(data, r['path'])), r['prompt'], f'{annotation} record {i}',
+             paths.image_path(data, r['path'])) for i, r in enumerate(records)]
+
+
+def toy_manifest(data):
     manifest = Path(data) / MANIFEST
     if not manifest.is_file():
         raise EvalError(f'{manifest} not found: --data must be a toy dataset folder (tools/make_toy_dataset.py)')
-    return {tuple(pair) for pair in json.loads(manifest.read_text())['held_out_pairs']}
+    return json.loads(manifest.read_text())
 
 
-def evaluate(items, held_out=(), new_kind=None):
-    """Scores of [(image path, prompt, where)]: {'all_shapes': scores, 'held_out_pairs': scores or None,
-    'images': [{file, prompt, read}]}. A missing image or a prompt outside the toy grammar is an EvalError.
-    `new_kind`: (word, kind) - prompts name a kind of NEW_KINDS by `word`, and the judge reads it."""
+def held_out_pairs_of(data):
+    return {tuple(pair) for pair in toy_manifest(data)['held_out_pairs']}
+
+
+def toy_records(data):
+    """{resolved image path: (split, index)} of every record of the toy dataset `data`: record `index` of a split is
+    the scene `sample_scene(seed, split, index)` (write_toy_dataset writes them in that order)."""
+    return {Path(paths.image_path(data, record['path'])).resolve(): (split, index)
+            for split in SPLIT_FILES for index, record in enumerate(split_records(data, split)[1])}
+
+
+def evaluate(items, held_out=(), data=None, new_kind=None):
+    """Scores of [(image path, prompt, where, control image or None)]: {'all_shapes': scores, 'held_out_pairs':
+    scores or None, 'mask_iou': {'images', 'mean'} or None, 'images': [{file, prompt, read, mask_iou}]}. `data`: the
+    toy dataset whose records, as control images, give the ground-truth masks of the mask IoU. A missing image or a
+    prompt outside the toy grammar is an EvalError. `new_kind`: (word, kind) - prompts name a kind of NEW_KINDS by
+    `word`, and the judge reads it."""
     kinds = KINDS + ((new_kind[1],) if new_kind else ())
-    images, scenes, found, readings = [], [], [], []
-    for path, prompt, where in items:
+    manifest = toy_manifest(data) if data is not None else None
+    records = toy_records(data) if data is not None else {}
+    images, scenes, found, readings, ious = [], [], [], [], []
+    for path, prompt, where, control in items:
         try:
             text = prompt if new_kind is None else ' '.join(new_kind[1] if w == new_kind[0] else w
                                                             for w in prompt.split(' '))
@@ -142,9 +164,19 @@ def evaluate(items, held_out=(), new_kind=None):
         scenes.append(scene)
         seen = detect_scene(image, kinds)
         found.append(seen)
-        readings.append({'file': str(path), 'prompt': prompt,
-                         'read': caption(seen) if seen.shapes else f'no shapes, on a {seen.background} background'})
-    return {'num_images': len(images), **alignment_report(images, scenes, held_out, found=found, kinds=kinds),
+        reading = {'file': str(path), 'prompt': prompt,
+                   'read': caption(seen) if seen.shapes else f'no shapes, on a {seen.background} background'}
+        record = records.get(Path(control).resolve()) if control is not None else None
+        if record is not None:
+            truth = scene_masks(manifest['seed'], record[0], [record[1]], manifest['image_size'])[0]
+            if truth.shape != (image.height, image.width):
+                raise EvalError(f'{where}: image {path} is {image.width}x{image.height}, its control record '
+                                f'{control} {truth.shape[1]}x{truth.shape[0]}')
+            reading['mask_iou'] = mask_iou(shape_mask(image), truth)
+            ious.append(reading['mask_iou'])
+        readings.append(reading)
+    iou = {'images': len(ious), 'mean': sum(ious) / len(ious)} if ious else None
+    return {'num_images': len(images), **alignment_report(images, scenes, held_out, found=found, kinds=kinds), 'mask_iou': iou,
             'images': readings}
 
 
@@ -155,6 +187,9 @@ def format_table(report):
     lines = [f'{"":16s}' + ''.join(f'{name:>11s}' for name in ATTRIBUTES)]
     for label, scores in rows:
         lines.append(f'{label:16s}' + ''.join(f'{scores[k]:11.2f}' if k in scores else f'{"":11s}' for k in ATTRIBUTES))
+    if report['mask_iou'] is not None:
+        lines.append(f'mask IoU with the control records\' shapes: {report["mask_iou"]["mean"]:.2f} '
+                     f'({report["mask_iou"]["images"]} images)')
     return '\n'.join(lines)
 
 
@@ -168,7 +203,7 @@ def main(argv=None):
     try:
         items = read_split(args.data, args.split) if args.split else read_generated(args.images)
         items = items[:args.limit] if args.limit else items
-        report = evaluate(items, held_out_pairs_of(args.data) if args.data else (), args.new_kind)
+        report = evaluate(items, held_out_pairs_of(args.data) if args.data else (), args.data, args.new_kind)
     except EvalError as err:
         sys.exit(f'error: {err}')
     print(f'{report["num_images"]} images from {args.images or f"{args.data} ({args.split})"}')

@@ -145,34 +145,61 @@ def _cell_centre(position, size):
     return (col + 0.5) * size / 3, (row + 0.5) * size / 3
 
 
-def render_scene(scene, image_size=64, rng=None):
-    """The scene as an RGB PIL image of image_size x image_size; `rng` adds small position and colour jitter."""
-    big = image_size * SUPERSAMPLE
+def _layout(scene, big, rng):
+    """(background rgb, [(shape, rgb, cx, cy)]) of a scene on a canvas of `big` px, with `rng`'s jitter drawn in the
+    one order both renderers share (so a scene's masks match its image pixel for pixel)."""
     background = BACKGROUNDS[scene.background]
     if rng is not None:
         background = _jitter_colour(background, rng, COLOUR_JITTER // 2)
-    canvas = Image.new('RGB', (big, big), background)
-    draw = ImageDraw.Draw(canvas)
+    placed = []
     for shape in scene.shapes:
         cx, cy = _cell_centre(shape.position, big)
         colour = COLOURS[shape.colour]
         if rng is not None:
             cx, cy = (v + rng.uniform(-POSITION_JITTER, POSITION_JITTER) * big for v in (cx, cy))
             colour = _jitter_colour(colour, rng, COLOUR_JITTER)
-        half = SIZES[shape.size] * big / 2
-        if shape.kind == 'circle':
-            draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=colour)
-        elif shape.kind == 'square':
-            side = half * 0.9  # a square of the full extent looks much bigger than the other kinds
-            draw.rectangle([cx - side, cy - side, cx + side, cy + side], fill=colour)
-        elif shape.kind == 'bar':
-            side = half * BAR_HEIGHT
-            draw.rectangle([cx - half, cy - side, cx + half, cy + side], fill=colour)
-        elif shape.kind == 'triangle':  # pointing up
-            draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=colour)
-        else:
-            raise ValueError(f'unknown shape kind {shape.kind!r}: expected one of {", ".join(KINDS + NEW_KINDS)}')
+        placed.append((shape, colour, cx, cy))
+    return background, placed
+
+
+def _draw_shape(draw, shape, cx, cy, big, fill):
+    half = SIZES[shape.size] * big / 2
+    if shape.kind == 'circle':
+        draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=fill)
+    elif shape.kind == 'square':
+        side = half * 0.9  # a square of the full extent looks much bigger than the other kinds
+        draw.rectangle([cx - side, cy - side, cx + side, cy + side], fill=fill)
+    elif shape.kind == 'bar':
+        side = half * BAR_HEIGHT
+        draw.rectangle([cx - half, cy - side, cx + half, cy + side], fill=fill)
+    elif shape.kind == 'triangle':  # pointing up
+        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
+    else:
+        raise ValueError(f'unknown shape kind {shape.kind!r}: expected one of {", ".join(KINDS + NEW_KINDS)}')
+
+
+def render_scene(scene, image_size=64, rng=None):
+    """The scene as an RGB PIL image of image_size x image_size; `rng` adds small position and colour jitter."""
+    big = image_size * SUPERSAMPLE
+    background, placed = _layout(scene, big, rng)
+    canvas = Image.new('RGB', (big, big), background)
+    draw = ImageDraw.Draw(canvas)
+    for shape, colour, cx, cy in placed:
+        _draw_shape(draw, shape, cx, cy, big, colour)
     return canvas.reduce(SUPERSAMPLE)
+
+
+def render_scene_mask(scene, image_size=64, rng=None):
+    """The ground truth of where a scene's shapes are: a boolean (image_size, image_size) array, True where shapes
+    cover more than half a pixel of `render_scene(scene, image_size, rng)` (pass an rng in the same state to get
+    the same jitter, e.g. a fresh `sample_scene(seed, split, index)[1]`)."""
+    big = image_size * SUPERSAMPLE
+    _, placed = _layout(scene, big, rng)
+    canvas = Image.new('L', (big, big), 0)
+    draw = ImageDraw.Draw(canvas)
+    for shape, _, cx, cy in placed:
+        _draw_shape(draw, shape, cx, cy, big, 255)
+    return np.asarray(canvas.reduce(SUPERSAMPLE)) > 127
 
 
 # ---------------------------------------------------------------- reading scenes back from pixels
@@ -240,6 +267,31 @@ def _classify_kind(rows, cols, weights, kinds=KINDS):
     return 'square' if fourfold < SQUARE_FOURFOLD else 'circle'
 
 
+def _pixels(image):
+    return np.asarray(image.convert('RGB') if isinstance(image, Image.Image) else image).astype(np.float32)
+
+
+def _blobs(pixels):
+    """(background rgb, contrast (H, W), [(rows, cols, soft, peak)]) of an image (H, W, 3) float: the background
+    is the border's median, a pixel's contrast its largest channel difference from it; each blob is a connected
+    region of contrast above FOREGROUND_THRESHOLD, big enough to count as a shape, with its own contrast `peak` (of
+    its median colour) and its pixels' soft mask (contrast / peak, clipped to [0, 1])."""
+    size = pixels.shape[0]
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background_rgb = np.median(border, axis=0)
+    contrast = np.abs(pixels - background_rgb).max(axis=2)
+    min_area = MIN_AREA_FRACTION * math.pi * (SIZES['small'] * size / 2) ** 2
+    blobs = []
+    for blob in _components(contrast > FOREGROUND_THRESHOLD):
+        if len(blob) < min_area:
+            continue
+        rows, cols = blob[:, 0], blob[:, 1]
+        colour = np.median(pixels[rows, cols], axis=0)
+        peak = np.abs(colour - background_rgb).max()
+        blobs.append((rows, cols, np.clip(contrast[rows, cols] / peak, 0.0, 1.0), peak))
+    return background_rgb, contrast, blobs
+
+
 def _check_kinds(kinds):
     unknown = [k for k in kinds if k not in KINDS + NEW_KINDS]
     if unknown or not set(KINDS) <= set(kinds):
@@ -251,20 +303,12 @@ def detect_scene(image, kinds=KINDS):
     median, shapes = connected blobs differing from it, each classified by colour, moments, extent and cell.
     `kinds`: the kinds a blob may be read as, the dataset's and any of NEW_KINDS."""
     _check_kinds(kinds)
-    pixels = np.asarray(image.convert('RGB') if isinstance(image, Image.Image) else image).astype(np.float32)
+    pixels = _pixels(image)
     size = pixels.shape[0]
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background_rgb = np.median(border, axis=0)
-    contrast = np.abs(pixels - background_rgb).max(axis=2)
-    min_area = MIN_AREA_FRACTION * math.pi * (SIZES['small'] * size / 2) ** 2
     size_threshold = (SIZES['small'] + SIZES['large']) / 2 * size
+    background_rgb, _, blobs = _blobs(pixels)
     shapes = []
-    for blob in _components(contrast > FOREGROUND_THRESHOLD):
-        if len(blob) < min_area:
-            continue
-        rows, cols = blob[:, 0], blob[:, 1]
-        colour = np.median(pixels[rows, cols], axis=0)
-        soft = np.clip(contrast[rows, cols] / np.abs(colour - background_rgb).max(), 0.0, 1.0)
+    for rows, cols, soft, _ in blobs:
         # the blob's outline at half its contrast: blurred edges (a VAE's, a generator's) do not swell it
         core = soft > 0.5
         if not core.any():
@@ -276,11 +320,58 @@ def detect_scene(image, kinds=KINDS):
         extent = max(core_rows.max() - core_rows.min(), core_cols.max() - core_cols.min()) + 1
         kind = _classify_kind(rows.astype(np.float64), cols.astype(np.float64), soft, kinds)
         inner = soft > 0.75  # blurred edges mix the colour with the background's
-        if inner.any():
-            colour = np.median(pixels[rows[inner], cols[inner]], axis=0)
+        inner = inner if inner.any() else np.ones_like(inner)
+        colour = np.median(pixels[rows[inner], cols[inner]], axis=0)
         shapes.append(Shape(_nearest(colour, COLOURS), kind, 'large' if extent > size_threshold else 'small',
                             POSITIONS[cell]))
     return Scene(_nearest(background_rgb, BACKGROUNDS), tuple(shapes))
+
+
+# half a pixel's coverage, less 8-bit rounding: a shape edge on a half-pixel boundary blends to exactly half contrast
+HALF_CONTRAST = 0.49
+
+
+def _grow(mask):
+    """A boolean mask grown by one pixel (8-neighbourhood)."""
+    padded = np.pad(mask, 1)
+    height, width = mask.shape
+    return np.logical_or.reduce([padded[1 + dr:1 + dr + height, 1 + dc:1 + dc + width]
+                                 for dr in (-1, 0, 1) for dc in (-1, 0, 1)])
+
+
+def shape_mask(image):
+    """Where an image (PIL or uint8 array) shows shapes: a boolean (H, W) array, True where a blob `detect_scene`
+    reads (the same background, threshold and minimum area) has at least half its own contrast, so blurred edges
+    do not swell a shape and an anti-aliased render gives its shapes' half-coverage outline. A blob's edge pixels
+    just under the detection threshold (low-contrast shapes: purple on gray is 76 levels) are included when they
+    reach half contrast."""
+    pixels = _pixels(image)
+    mask = np.zeros(pixels.shape[:2], dtype=bool)
+    _, contrast, blobs = _blobs(pixels)
+    for rows, cols, _, peak in blobs:
+        blob = np.zeros_like(mask)
+        blob[rows, cols] = True
+        mask |= _grow(blob) & (contrast >= HALF_CONTRAST * peak)
+    return mask
+
+
+def mask_iou(a, b):
+    """Intersection over union of two boolean masks of one shape; 1.0 when both are empty."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f'masks of different shapes: {a.shape} and {b.shape}')
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def scene_masks(seed, split, indices, image_size=64):
+    """The ground-truth shape masks (`render_scene_mask`, with the records' own jitter) of records `indices` of a
+    toy dataset's `split` built with `seed`: what `write_toy_dataset` rendered, as masks."""
+    masks = []
+    for index in indices:
+        scene, rng = sample_scene(seed, split, index)
+        masks.append(render_scene_mask(scene, image_size, rng))
+    return masks
 
 
 def alignment_scores(images, scenes, only=None, found=None, kinds=KINDS):
@@ -321,6 +412,23 @@ def alignment_report(images, scenes, held_out=(), found=None, kinds=KINDS):
     return {'all_shapes': alignment_scores(images, scenes, found=found),
             'held_out_pairs': alignment_scores(images, scenes, only=lambda s: (s.colour, s.kind) in held_out,
                                                found=found) if has_held_out else None}
+
+
+def mirrored_cell(position):
+    """The position point-reflected through the center (left <-> right, top left <-> bottom right, ...); the center
+    has none (ValueError)."""
+    row, col = next(cell for cell, name in POSITIONS.items() if name == position)
+    if (row, col) == (1, 1):
+        raise ValueError('the center has no mirrored cell')
+    return POSITIONS[(2 - row, 2 - col)]
+
+
+def contradicting_scene(scene):
+    """A scene whose every shape is in the point-reflected cell and of the next kind (circle -> square -> triangle
+    -> circle), colours, sizes and background kept: a caption that contradicts `scene`'s edges in place and kind,
+    and agrees with them on nothing else they show. Shapes in the center have no such cell (ValueError)."""
+    return Scene(scene.background, tuple(Shape(s.colour, KINDS[(KINDS.index(s.kind) + 1) % len(KINDS)], s.size,
+                                               mirrored_cell(s.position)) for s in scene.shapes))
 
 
 # ---------------------------------------------------------------- what a toy model understands (the demo says it)
