@@ -145,7 +145,7 @@ def sample(cfg, checkpoint, prompts, seed, loras=()):
     return [to_pil_image(image) for image in images]
 
 
-def score(images, scenes, held_out=(), only=None):
+def score(images, scenes, only=None):
     from diffusion.data.toy_shapes import KINDS, NEW_KINDS, alignment_scores
     kinds = KINDS + NEW_KINDS
     scores = alignment_scores(images, scenes, only=only, kinds=kinds)
@@ -154,7 +154,7 @@ def score(images, scenes, held_out=(), only=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from diffusion.data.toy_shapes import MANIFEST, COLOURS, parse_caption
+    from diffusion.data.toy_shapes import COLOURS, MANIFEST, caption, parse_caption
     from diffusion.utils.cpu import RECIPE_THREADS, pin_cpu_numerics
     from diffusion.utils.fileio import atomic_write_text
     threads = pin_cpu_numerics(args.threads or RECIPE_THREADS)
@@ -182,7 +182,6 @@ def main(argv=None):
     # the held-out pair, taught by name
     colour, kind = manifest["held_out_pairs"][0]
     pair_scenes = instance_scenes(kind, (colour,))
-    from diffusion.data.toy_shapes import caption
     pair_prompts = [caption(s) for s in pair_scenes]
     write_instances(out / "pair", pair_scenes, pair_prompts, pair_prompts[0])
     pair_eval = evaluation_scenes(kind, (colour,), seed=2)
