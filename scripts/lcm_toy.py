@@ -22,11 +22,12 @@ import json
 import os
 import time
 
+from diffusion.utils.arguments import int_at_least, positive_int
 from diffusion.utils.config import add_cfg_options_argument
+from scripts.quickstart import QUICKSTART_RUN, quickstart_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/pixart_config/PixArt_toy_lcm.py"
-TEACHER_RUN = Path("output/quickstart/train")
 OUT = Path("output/lcm_toy")
 # (label, model, sampler, steps): the rows of the table; the grid shows GRID_ROWS of them
 RUNS = [("teacher, DPM-Solver++ 20 steps", "teacher", "dpm-solver", 20),
@@ -42,43 +43,31 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", help="the teacher's checkpoint (default: the newest of "
-                                          f"{TEACHER_RUN}/checkpoints, which scripts/quickstart.py writes)")
+                                          f"{QUICKSTART_RUN}/checkpoints, which scripts/quickstart.py writes)")
     parser.add_argument("--out", default=str(OUT), help=f"output folder (default {OUT})")
-    parser.add_argument("--steps", type=int, default=None, help="distillation steps (default: the config's max_steps)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="distillation steps (default: the config's max_steps)")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads of every stage (default 2; results are bitwise reproducible for a fixed "
                              "thread count, not across counts)")
-    parser.add_argument("--num-prompts", type=int, default=128,
+    parser.add_argument("--num-prompts", type=int_at_least(2), default=128,
                         help="held-out prompts sampled and scored, half validation, half unseen pairs (default 128, "
                              "the quickstart's)")
     parser.add_argument("--student-weights", choices=("ema", "live"), default="ema",
                         help="the student's weights sampled: its EMA (default) or the live ones")
     add_cfg_options_argument(parser)
     args = parser.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be 1 or more, got {args.threads}")
-    if args.num_prompts < 2:
-        parser.error(f"--num-prompts must be 2 or more (half validation, half unseen), got {args.num_prompts}")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from diffusion.train.state import list_checkpoints
     from diffusion.utils.config import load_config
     from diffusion.utils.cpu import RECIPE_THREADS, pin_cpu_numerics
     from diffusion.utils.fileio import atomic_write_text
     threads = pin_cpu_numerics(args.threads or RECIPE_THREADS)
     out = REPO / args.out
-    teacher = Path(args.teacher) if args.teacher else None
-    if teacher is None:
-        found = list_checkpoints(REPO / TEACHER_RUN)
-        if not found:
-            sys.exit(f"error: no checkpoint in {REPO / TEACHER_RUN / 'checkpoints'}: run scripts/quickstart.py first, "
-                     "or give --teacher")
-        teacher = found[-1]
-    if not teacher.is_file():
-        sys.exit(f"error: --teacher {teacher}: no such checkpoint file")
+    teacher = quickstart_model(args.teacher, "--teacher")
     overrides = dict(args.cfg_options or {})
     if args.steps is not None:
         overrides["max_steps"] = args.steps

@@ -22,11 +22,13 @@ import json
 import subprocess
 import time
 
+from diffusion.utils.arguments import finite_float, int_at_least, positive_int
 from diffusion.utils.config import add_cfg_options_argument
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/pixart_config/PixArt_toy_shapes.py"
 OUT = Path("output/quickstart")
+QUICKSTART_RUN = OUT / "train"  # the quickstart's training run: the base model of the toy proofs
 SEED_STRIDE = 1000  # sampling seeds: validation prompts 0, 1, ...; unseen prompts 1000, 1001, ...
 GRID_COLUMNS = 8
 SAMPLERS = ("iddpm", "dpm-solver", "sa-solver")
@@ -35,33 +37,30 @@ SAMPLERS = ("iddpm", "dpm-solver", "sa-solver")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="training steps (default: the config's max_steps, 5000)")
     parser.add_argument("--seed", type=int, default=None, help="training seed (default: the config's, 0)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads of every stage (default 2: the README's figures; results are bitwise "
                              "reproducible for a fixed thread count, not across counts)")
-    parser.add_argument("--num-prompts", type=int, default=128,
+    parser.add_argument("--num-prompts", type=int_at_least(2), default=128,
                         help="held-out prompts sampled and scored, half validation, half unseen pairs; the grid "
                              f"shows the first {GRID_COLUMNS} of each (default 128)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="iddpm",
                         help="sampler (default iddpm: 100 learned-variance steps; its noise corrects what a few "
                              "minutes of training leave wrong, measured in the README)")
-    parser.add_argument("--sample-steps", type=int, default=None,
+    parser.add_argument("--sample-steps", type=positive_int, default=None,
                         help="sampler steps (default: 100 for iddpm, 20 for dpm-solver, 25 for sa-solver)")
-    parser.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the config's, 3)")
+    parser.add_argument("--cfg-scale", type=finite_float, default=None,
+                        help="guidance scale (default: the config's, 3)")
     parser.add_argument("--out", default=str(OUT), help=f"output folder (default {OUT})")
-    parser.add_argument("--num-train", type=int, default=4000,
+    parser.add_argument("--num-train", type=positive_int, default=4000,
                         help="training images of a new toy dataset (default 4000; an existing one is kept)")
-    parser.add_argument("--vae-steps", type=int, default=4000,
+    parser.add_argument("--vae-steps", type=positive_int, default=4000,
                         help="training steps of a toy VAE built because the config names a missing folder (default "
                              "4000, as the shipped one)")
     add_cfg_options_argument(parser)
     args = parser.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be 1 or more, got {args.threads}")
-    if args.num_prompts < 2:
-        parser.error(f"--num-prompts must be 2 or more (half validation, half unseen), got {args.num_prompts}")
     return args
 
 
@@ -147,6 +146,22 @@ def main(argv=None):
                       f"position {scores['position']:.2f}, size {scores['size']:.2f}, count {scores['count']:.2f}, "
                       f"background {scores['background']:.2f}, all {scores['all']:.2f}")
     print("open the demo on this model:  python scripts/interface.py   (then http://127.0.0.1:7860)")
+
+
+def quickstart_model(path=None, flag="--base"):
+    """The toy checkpoint a proof starts from: `path` (the script's `flag`) when given, else the newest checkpoint of
+    the quickstart's training run (QUICKSTART_RUN); exits naming what is missing."""
+    from diffusion.train.state import list_checkpoints
+    if path is not None:
+        if not Path(path).is_file():
+            sys.exit(f"error: {flag} {path}: no such file; give an existing checkpoint, or leave {flag} out to use "
+                     f"the newest in {QUICKSTART_RUN / 'checkpoints'} (run python scripts/quickstart.py first)")
+        return Path(path)
+    found = list_checkpoints(REPO / QUICKSTART_RUN)
+    if not found:
+        sys.exit(f"error: no checkpoint in {QUICKSTART_RUN / 'checkpoints'}: run python scripts/quickstart.py first, "
+                 f"or give {flag} CKPT")
+    return found[-1]
 
 
 def train_toy(cfg, work_dir, load_from=None):

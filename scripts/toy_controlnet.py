@@ -29,12 +29,12 @@ import argparse
 import json
 import time
 
+from diffusion.utils.arguments import finite_float, positive_int
 from diffusion.utils.config import add_cfg_options_argument
-from scripts.quickstart import GRID_COLUMNS, REPO, SAMPLERS, cli_cfg_options, run_tool, stage, train_toy, \
-    write_labelled_grid
+from scripts.quickstart import GRID_COLUMNS, QUICKSTART_RUN, REPO, SAMPLERS, cli_cfg_options, quickstart_model, \
+    run_tool, stage, train_toy, write_labelled_grid
 
 CONFIG = "configs/pixart_app_config/PixArt_toy_controlCanny.py"
-BASE_WORK_DIR = Path("output/quickstart/train")
 OUT = Path("output/toy_controlnet")
 SCALES = (0.0, 0.5, 1.0, 2.0, 4.0)
 IOU_TARGET = 0.70  # the bar for the ControlNet on held-out scenes
@@ -44,31 +44,26 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help=f"the base model's checkpoint (default: the newest in "
-                                       f"{BASE_WORK_DIR}/checkpoints, the quickstart's)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's max_steps)")
-    parser.add_argument("--threads", type=int, default=None,
+                                       f"{QUICKSTART_RUN}/checkpoints, the quickstart's)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="training steps (default: the config's max_steps)")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads of every stage (default 2: the README's figures)")
-    parser.add_argument("--num-scenes", type=int, default=64,
+    parser.add_argument("--num-scenes", type=positive_int, default=64,
                         help="held-out val scenes whose edges steer their own caption (default 64)")
-    parser.add_argument("--num-contradictions", type=int, default=24,
+    parser.add_argument("--num-contradictions", type=positive_int, default=24,
                         help="one-shape val scenes given a contradicting caption, per scale (default 24)")
-    parser.add_argument("--scales", type=float, nargs="+", default=list(SCALES),
+    parser.add_argument("--scales", type=finite_float, nargs="+", default=list(SCALES),
                         help=f"conditioning scales of the contradiction test (default {' '.join(map(str, SCALES))})")
     parser.add_argument("--sampler", choices=SAMPLERS, default="iddpm",
                         help="sampler (default iddpm, as the quickstart)")
-    parser.add_argument("--sample-steps", type=int, default=None,
+    parser.add_argument("--sample-steps", type=positive_int, default=None,
                         help="sampler steps (default: 100 for iddpm, the sampler's default otherwise)")
-    parser.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the config's, 3)")
+    parser.add_argument("--cfg-scale", type=finite_float, default=None,
+                        help="guidance scale (default: the config's, 3)")
     parser.add_argument("--out", default=str(OUT), help=f"output folder (default {OUT}); training goes to OUT/train")
     add_cfg_options_argument(parser)
     args = parser.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be 1 or more, got {args.threads}")
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be 1 or more, got {args.steps}")
-    for flag in ("num_scenes", "num_contradictions"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be 1 or more, got {getattr(args, flag)}")
     if any(s < 0 for s in args.scales):
         parser.error(f"--scales must be 0 or more, got {args.scales}")
     return args
@@ -78,7 +73,6 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from diffusion.train.state import list_checkpoints
     from diffusion.utils.config import load_config
     from diffusion.utils.cpu import RECIPE_THREADS, pin_cpu_numerics
     from diffusion.utils.fileio import atomic_write_text
@@ -88,15 +82,7 @@ def main(argv=None):
         print_summary(json.loads((out / "metrics.json").read_text()))
         return
     threads = pin_cpu_numerics(args.threads or RECIPE_THREADS)
-    base = Path(args.base) if args.base else None
-    if base is None:
-        found = list_checkpoints(REPO / BASE_WORK_DIR)
-        if not found:
-            sys.exit(f"error: no checkpoint in {BASE_WORK_DIR / 'checkpoints'}: train the toy model first "
-                     "(python scripts/quickstart.py) or give --base CKPT")
-        base = found[-1]
-    elif not base.is_file():
-        sys.exit(f"error: --base {base}: no such file")
+    base = quickstart_model(args.base, "--base")
     overrides = dict(args.cfg_options or {})
     if args.steps is not None:
         overrides["max_steps"] = args.steps

@@ -62,6 +62,24 @@ def tiny_config(tmp_path, base_config_path):
     return path
 
 
+def write_tiny_pipeline_config(path, root, depth):
+    """A config of a `depth`-block PixArt of the tiny pipeline's width, with its T5, VAE and toy dataset under
+    `root` (see tiny_pipeline)."""
+    path.write_text(f"""_base_ = [{str(REPO / 'configs/PixArt_xl2_internal.py')!r}]
+model = 'PixArt'
+model_kwargs = dict(depth={depth}, hidden_size=96, num_heads=4, patch_size=2)
+image_size = 64
+caption_channels = 32
+model_max_length = 48
+t5_pretrained = {str(root / 't5')!r}
+vae_pretrained = {str(root / 'vae')!r}
+scale_factor = 1.0
+data_root = {str(root)!r}
+data = dict(type='InternalData', root='toy')
+""")
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
     """A tiny T5, VAE and PixArt checkpoint plus a config naming them and a tiny toy-shapes dataset, like the toy
@@ -81,19 +99,7 @@ def tiny_pipeline(tmp_path_factory):
                              model_max_length=48), scale=0.02)
     save_weights(model.state_dict(), root / "model.pth")
     write_toy_dataset(root / "toy", num_train=2, num_val=4, num_unseen=4, progress=False)
-    config = root / "demo_config.py"
-    config.write_text(f"""_base_ = [{str(REPO / 'configs/PixArt_xl2_internal.py')!r}]
-model = 'PixArt'
-model_kwargs = dict(depth=1, hidden_size=96, num_heads=4, patch_size=2)
-image_size = 64
-caption_channels = 32
-model_max_length = 48
-t5_pretrained = {str(root / 't5')!r}
-vae_pretrained = {str(root / 'vae')!r}
-scale_factor = 1.0
-data_root = {str(root)!r}
-data = dict(type='InternalData', root='toy')
-""")
+    config = write_tiny_pipeline_config(root / "demo_config.py", root, depth=1)
     return root, config
 
 
@@ -105,3 +111,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------- training (helpers: tests/train_kit.py)
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory):
+    from tests.train_kit import make_feature_dataset
+    return make_feature_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture
+def train_config(tmp_path, dataset_root, base_config_path):
+    """A tiny training config on dataset_root: 8 steps."""
+    from tests.data_fixtures import write_training_config
+    return write_training_config(
+        tmp_path / "tiny_train.py", base_config_path, data_root=str(dataset_root.parent),
+        data=dict(type='InternalData', root=dataset_root.name, image_list_json=['data_info.json'], load_vae_feat=True),
+        caption_channels=TINY['caption_channels'], model_max_length=TINY['model_max_length'], num_epochs=100,
+        max_steps=8, lr_schedule_args=dict(num_warmup_steps=2), gradient_clip=1.0, save_model_steps=1000000)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; accelerate keeps process-wide state between them."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()

@@ -22,7 +22,9 @@ from diffusion.utils.checkpoint import read_checkpoint
 from diffusion.utils.config import ConfigError, load_config
 from tests.conftest import REPO, TINY, randomize
 from tests.data_fixtures import make_dataset, tiny_vae, write_training_config
-from tests.test_train import assert_states_equal, fresh_accelerate_state, make_feature_dataset, run  # noqa: F401
+from tests.train_kit import assert_states_equal, make_feature_dataset, run
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 CONDITION = "canny"
 

@@ -115,24 +115,12 @@ def controlnet_demo(tiny_pipeline):
     nonzero, so the control changes the image) with the tiny pipeline's T5, VAE and toy dataset; yields (url, root)."""
     from diffusion.model.nets import ControlPixArtHalf, PixArt
     from diffusion.utils.checkpoint import save_weights
-    from tests.conftest import randomize
+    from tests.conftest import randomize, write_tiny_pipeline_config
     root, _ = tiny_pipeline
     base = PixArt(input_size=8, hidden_size=96, depth=2, num_heads=4, caption_channels=32, model_max_length=48)
     model = randomize(ControlPixArtHalf(base, copy_blocks_num=1), seed=4, scale=0.02)
     save_weights(model.state_dict(), root / "controlnet.pth")
-    config = root / "controlnet_config.py"
-    config.write_text(f"""_base_ = [{str(REPO / 'configs/PixArt_xl2_internal.py')!r}]
-model = 'PixArt'
-model_kwargs = dict(depth=2, hidden_size=96, num_heads=4, patch_size=2)
-image_size = 64
-caption_channels = 32
-model_max_length = 48
-t5_pretrained = {str(root / 't5')!r}
-vae_pretrained = {str(root / 'vae')!r}
-scale_factor = 1.0
-data_root = {str(root)!r}
-data = dict(type='InternalData', root='toy')
-""")
+    config = write_tiny_pipeline_config(root / "controlnet_config.py", root, depth=2)
     for url in serve_demo(config, root / "controlnet.pth"):
         yield url, root
 

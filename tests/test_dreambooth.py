@@ -16,7 +16,9 @@ from diffusion.utils.checkpoint import read_checkpoint, save_weights
 from diffusion.utils.config import ConfigError, load_config
 from tests.conftest import REPO, randomize
 from tests.data_fixtures import write_training_config
-from tests.test_train import assert_states_equal, final_state, fresh_accelerate_state, run  # noqa: F401
+from tests.train_kit import assert_states_equal, final_state, run
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 PRIOR = {"with_prior_preservation": True, "class_prompt": "a photo of dog", "num_class_images": 4,
          "class_sampling_steps": 2, "sample_batch_size": 3}

@@ -23,14 +23,9 @@ from diffusion.train.randomness import draw_for_samples
 from diffusion.utils.checkpoint import CheckpointError, save_weights
 from diffusion.utils.config import ConfigError, load_config
 from tests.conftest import REPO, TINY, tiny_model
-from tests.test_train import (  # noqa: F401  (fixtures)
-    assert_states_equal,
-    dataset_root,
-    final_state,
-    fresh_accelerate_state,
-    run,
-    train_config,
-)
+from tests.train_kit import assert_states_equal, final_state, run
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 ABAR = IDDPM("1000").alphas_cumprod  # float64, the linear schedule's
 

@@ -12,14 +12,9 @@ from diffusion.train.lora import LoRAFlavour
 from diffusion.utils.checkpoint import CheckpointError, read_checkpoint, save_weights
 from diffusion.utils.config import ConfigError
 from tests.conftest import REPO, tiny_model
-from tests.test_train import (  # noqa: F401  (fixtures)
-    assert_states_equal,
-    dataset_root,
-    final_state,
-    fresh_accelerate_state,
-    run,
-    train_config,
-)
+from tests.train_kit import assert_states_equal, final_state, run
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 LORA = {"rank": 4, "alpha": 8, "target_modules": ["self_attention", "cross_attention", "mlp", "t_block"]}
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"

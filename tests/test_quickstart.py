@@ -2,6 +2,7 @@
 second run reuses what the first one built."""
 import json
 
+import pytest
 from PIL import Image
 
 from scripts import quickstart
@@ -44,3 +45,21 @@ def test_a_training_stopped_by_a_signal_ends_the_run_instead_of_being_scored(tmp
     cfg = load_config(quickstart.REPO / quickstart.CONFIG)
     with pytest.raises(SystemExit, match="training stopped by a signal at step 7 of 5000.*again to resume"):
         quickstart.train_toy(cfg, tmp_path / "train")
+
+
+@pytest.mark.parametrize("flag, value, expected, scripts", [
+    ("--steps", "0", "expected an integer >= 1, got 0", ("quickstart", "lcm_toy", "toy_controlnet")),
+    ("--threads", "-2", "expected an integer >= 1, got -2",
+     ("quickstart", "lcm_toy", "toy_controlnet", "toy_dreambooth")),
+    ("--num-prompts", "1", "expected an integer >= 2, got 1", ("quickstart", "lcm_toy")),
+    ("--num-train", "x", "expected an integer >= 1, got 'x'", ("quickstart",)),
+    ("--cfg-scale", "nan", "expected a finite number, got 'nan'", ("quickstart", "toy_controlnet"))])
+def test_the_toy_scripts_name_a_bad_value_before_doing_anything(flag, value, expected, scripts, capsys):
+    from scripts import lcm_toy, toy_controlnet
+    from tools import toy_dreambooth
+    modules = {"quickstart": quickstart, "lcm_toy": lcm_toy, "toy_controlnet": toy_controlnet,
+               "toy_dreambooth": toy_dreambooth}
+    for name in scripts:
+        with pytest.raises(SystemExit) as exit_info:
+            modules[name].parse_args([flag, value])
+        assert exit_info.value.code == 2 and f"argument {flag}: {expected}" in capsys.readouterr().err, name

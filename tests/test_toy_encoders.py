@@ -80,9 +80,11 @@ def test_the_vae_anchor_ties_latent_channels_0_to_2_to_the_pooled_image():
     assert anchored[0] < 0.6 * free[0] and anchored[1] < 0.5 * free[1], (anchored, free)
 
 
-@pytest.mark.parametrize('flag, value, message', [('--t5-steps', '-1', '--t5-steps must be 0 or more'),
-                                                  ('--vae-anchor', '-0.5', '--vae-anchor must be 0 or more'),
-                                                  ('--latent-gain', '0', '--latent-gain must be positive')])
+@pytest.mark.parametrize('flag, value, message', [
+    ('--t5-steps', '-1', 'argument --t5-steps: expected an integer >= 0, got -1'),
+    ('--threads', '0', 'argument --threads: expected an integer >= 1, got 0'),
+    ('--vae-anchor', '-0.5', '--vae-anchor must be 0 or more'),
+    ('--latent-gain', '0', '--latent-gain must be positive')])
 def test_build_toy_encoders_rejects_out_of_range_values_by_name(flag, value, message, capsys):
     from tools import build_toy_encoders
 

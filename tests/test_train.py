@@ -11,84 +11,15 @@ import pytest
 import torch
 
 from diffusion.data import paths
-from diffusion.data.feature_io import save_caption_feature, save_vae_feature
 from diffusion.train import state as ckpt
 from diffusion.train.core import TrainingError, TrainOptions, train
 from diffusion.train.flavour import TrainingFlavour
 from diffusion.utils.checkpoint import CheckpointError, read_checkpoint
 from diffusion.utils.config import ConfigError, load_config
-from tests.conftest import REPO, TINY, tiny_model
-from tests.data_fixtures import write_training_config
+from tests.conftest import REPO, tiny_model
+from tests.train_kit import TRAIN_SCRIPT, assert_states_equal, final_state, run
 
-NUM_RECORDS = 24
-TRAIN_SCRIPT = REPO / "scripts" / "train.py"
-
-
-def make_feature_dataset(root, num_records=NUM_RECORDS, seed=0):
-    """Records whose latents depend on their caption (a learnable mapping), with T5/VAE feature files."""
-    gen = torch.Generator().manual_seed(seed)
-    L, C = TINY["model_max_length"], TINY["caption_channels"]
-    records = []
-    for i in range(num_records):
-        rel = f"shapes/img_{i:03d}.png"
-        caption = torch.randn(1, L, C, generator=gen)
-        mask = torch.zeros(1, L, dtype=torch.long)
-        mask[0, : 3 + i % (L - 3)] = 1
-        mean = caption[0, :4, :8].reshape(4, 1, 8).expand(4, 8, 8).clone() * 0.5
-        std = torch.full((4, 8, 8), 0.05)
-        save_caption_feature(paths.caption_feature_path(root, rel), caption.numpy(), mask.numpy())
-        save_vae_feature(paths.vae_feature_path(root, rel, 64), torch.cat([mean, std]).numpy())
-        records.append({"path": rel, "prompt": f"record {i}", "height": 64, "width": 64, "ratio": 1.0})
-    annotation = paths.annotation_path(root, "data_info.json")
-    annotation.parent.mkdir(parents=True, exist_ok=True)
-    annotation.write_text(json.dumps(records))
-    return root
-
-
-@pytest.fixture(scope="module")
-def dataset_root(tmp_path_factory):
-    return make_feature_dataset(tmp_path_factory.mktemp("data") / "tiny")
-
-
-@pytest.fixture
-def train_config(tmp_path, dataset_root, base_config_path):
-    return write_training_config(
-        tmp_path / "tiny_train.py", base_config_path, data_root=str(dataset_root.parent),
-        data=dict(type='InternalData', root=dataset_root.name, image_list_json=['data_info.json'], load_vae_feat=True),
-        caption_channels=TINY['caption_channels'], model_max_length=TINY['model_max_length'], num_epochs=100,
-        max_steps=8, lr_schedule_args=dict(num_warmup_steps=2), gradient_clip=1.0, save_model_steps=1000000)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; accelerate keeps process-wide state between them."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-def run(config_path, work_dir, overrides=None, flavour=None, **options):
-    cfg = load_config(config_path, overrides)
-    return train(cfg, TrainOptions(work_dir=str(work_dir), report_to="none", **options), flavour)
-
-
-def final_state(result):
-    return read_checkpoint(result.last_checkpoint)
-
-
-def assert_states_equal(a, b, atol=0.0):
-    for key in ("state_dict", "state_dict_ema"):
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=atol, msg=f"{key}.{name}")
-    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert opt_a.keys() == opt_b.keys()
-    for idx in opt_a:
-        for field in opt_a[idx]:
-            torch.testing.assert_close(torch.as_tensor(opt_a[idx][field]), torch.as_tensor(opt_b[idx][field]),
-                                       rtol=0, atol=atol, msg=f"optimizer state {idx}.{field}")
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 # ---------------------------------------------------------------- the loop works

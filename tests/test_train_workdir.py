@@ -22,16 +22,9 @@ from diffusion.utils.checkpoint import CheckpointError, read_checkpoint
 from diffusion.utils.config import ConfigError
 from diffusion.utils.fileio import WriteError
 from tests.conftest import REPO
-from tests.test_train import (  # noqa: F401  (fixtures)
-    TRAIN_SCRIPT,
-    assert_states_equal,
-    dataset_root,
-    final_state,
-    fresh_accelerate_state,
-    make_feature_dataset,
-    run,
-    train_config,
-)
+from tests.train_kit import TRAIN_SCRIPT, assert_states_equal, final_state, make_feature_dataset, run
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 WorkDirError = workdir.WorkDirError
 

@@ -36,6 +36,7 @@ import torch
 from diffusion.data import paths
 from diffusion.data.errors import DataError
 from diffusion.data.feature_io import load_image
+from diffusion.utils.arguments import non_negative_int, positive_int
 from diffusion.utils.cpu import RECIPE_THREADS, pin_cpu_numerics
 from diffusion.utils.fileio import atomic_write_text, save_png
 from diffusion.data.records import load_dataset_records
@@ -70,19 +71,20 @@ def build_parser():
     add_cfg_options_argument(parser)
     parser.add_argument('--skip-t5', action='store_true', help='do not build the text encoder')
     parser.add_argument('--skip-vae', action='store_true', help='do not build the VAE')
-    parser.add_argument('--t5-width', type=int, default=128, help='T5 d_model = caption feature width (default 128)')
-    parser.add_argument('--t5-layers', type=int, default=2, help='T5 encoder layers (default 2)')
-    parser.add_argument('--t5-heads', type=int, default=4, help='T5 attention heads (default 4)')
-    parser.add_argument('--vocab-size', type=int, default=192, help='tokenizer vocabulary size (default 192)')
-    parser.add_argument('--max-length', type=int, default=32,
+    parser.add_argument('--t5-width', type=positive_int, default=128,
+                        help='T5 d_model = caption feature width (default 128)')
+    parser.add_argument('--t5-layers', type=positive_int, default=2, help='T5 encoder layers (default 2)')
+    parser.add_argument('--t5-heads', type=positive_int, default=4, help='T5 attention heads (default 4)')
+    parser.add_argument('--vocab-size', type=positive_int, default=192, help='tokenizer vocabulary size (default 192)')
+    parser.add_argument('--max-length', type=positive_int, default=32,
                         help='caption tokens the pipeline uses; every caption must fit (default 32)')
-    parser.add_argument('--t5-steps', type=int, default=300,
+    parser.add_argument('--t5-steps', type=non_negative_int, default=300,
                         help='steps training the T5 so that each token\'s feature tells its shape phrase\'s '
                              'attributes; 0 keeps it random (default 300)')
-    parser.add_argument('--vae-steps', type=int, default=4000,
+    parser.add_argument('--vae-steps', type=positive_int, default=4000,
                         help='VAE training steps (default 4000: 32.7 dB and shapes read back kind 0.86, against 28.4 dB '
                              'and 0.73 after 1000)')
-    parser.add_argument('--vae-batch-size', type=int, default=16, help='VAE training batch (default 16)')
+    parser.add_argument('--vae-batch-size', type=positive_int, default=16, help='VAE training batch (default 16)')
     parser.add_argument('--vae-lr', type=float, default=2e-3, help='VAE peak learning rate (default 2e-3)')
     parser.add_argument('--vae-anchor', type=float, default=1.0,
                         help='weight of the loss tying latent channels 0-2 to the /8 average-pooled image; 0 '
@@ -92,7 +94,7 @@ def build_parser():
                              f'{LATENT_GAIN}; 1 = unit variance, like 0.18215 for SD\'s VAE): see the module docstring')
     parser.add_argument('--vae-channels', default='16,16,32,64',
                         help='AutoencoderKL block_out_channels, 4 levels = /8 (default 16,16,32,64)')
-    parser.add_argument('--threads', type=int, default=RECIPE_THREADS,
+    parser.add_argument('--threads', type=positive_int, default=RECIPE_THREADS,
                         help=f'torch CPU threads (default {RECIPE_THREADS}, as the shipped encoders were built: results '
                              f'are bitwise reproducible for a fixed thread count only)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the encoders\' weights and training (default 0)')
@@ -109,10 +111,6 @@ def parse_args(argv=None):
         parser.error(f'--vae-channels expects comma-separated integers, got {args.vae_channels!r}')
     if len(args.vae_channels) != 4:
         parser.error(f'--vae-channels needs 4 levels (3 halvings = /8), got {len(args.vae_channels)}')
-    if args.threads < 1:
-        parser.error(f'--threads must be 1 or more, got {args.threads}')
-    if args.t5_steps < 0:
-        parser.error(f'--t5-steps must be 0 or more, got {args.t5_steps}')
     if args.vae_anchor < 0:
         parser.error(f'--vae-anchor must be 0 or more, got {args.vae_anchor}')
     if not args.latent_gain > 0:
