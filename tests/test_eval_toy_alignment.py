@@ -67,7 +67,8 @@ def test_bad_inputs_name_the_file_and_line(tmp_path):
         tool.main([])  # neither a folder nor --split
 
 
-def test_a_new_kind_is_scored_under_its_word(tmp_path):
+@pytest.mark.parametrize('phrase', ['sks', 'sks square'])
+def test_a_new_kind_is_scored_under_its_word_or_phrase(tmp_path, phrase):
     folder = tmp_path / 'bars'
     folder.mkdir()
     scenes = [Scene('gray', (Shape('green', 'bar', 'large', 'left'),)),
@@ -77,15 +78,23 @@ def test_a_new_kind_is_scored_under_its_word(tmp_path):
     for i, scene in enumerate(scenes):
         render_scene(scene, 64).save(folder / f'{i}.png')
         shown = scene if i < 2 else Scene('black', (Shape('purple', 'bar', 'large', 'center'),))
-        prompt = ' '.join('sks' if w == 'bar' else w for w in caption(shown).split(' '))
+        prompt = ' '.join(phrase if w == 'bar' else w for w in caption(shown).split(' '))
         lines.append(json.dumps({'file': f'{i}.png', 'prompt': prompt}))
     (folder / 'metadata.jsonl').write_text('\n'.join(lines) + '\n')
-    report = tool.evaluate(tool.read_generated(folder), new_kind=('sks', 'bar'))
+    report = tool.evaluate(tool.read_generated(folder), new_kind=tool.new_kind_argument(f'{phrase}=bar'))
     assert report['all_shapes']['kind'] == pytest.approx(2 / 3) and report['all_shapes']['colour'] == 1
     with pytest.raises(tool.EvalError, match='not a toy-shapes caption'):
-        tool.evaluate(tool.read_generated(folder))  # 'sks' means nothing without it
-    with pytest.raises(SystemExit):
-        tool.parse_args([str(folder), '--new-kind', 'sks=star'])
+        tool.evaluate(tool.read_generated(folder))  # the token means nothing without it
+    for bad in ('sks=star', 'sks  square=bar', '=bar', 'sks'):
+        with pytest.raises(SystemExit):
+            tool.parse_args([str(folder), '--new-kind', bad])
+
+
+def test_a_new_kind_phrase_is_replaced_as_whole_words_only():
+    assert tool.name_new_kind('a large red sks square on the left', 'sks square', 'bar') == \
+        'a large red bar on the left'
+    assert tool.name_new_kind('a large red sks squares', 'sks square', 'bar') == 'a large red sks squares'
+    assert tool.name_new_kind('sks square at the top', 'sks square', 'bar') == 'bar at the top'
 
 
 def test_controlled_images_get_the_mask_iou_with_their_control_record_s_shapes(tmp_path, capsys):

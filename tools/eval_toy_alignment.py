@@ -61,19 +61,25 @@ def build_parser():
     parser.add_argument('--split', choices=sorted(SPLIT_FILES), help='score this split of --data instead of a folder')
     parser.add_argument('--limit', type=int, default=None, help='score only the first N images')
     parser.add_argument('--json', metavar='OUT', help='also write the scores and per-image readings to this file')
-    parser.add_argument('--new-kind', metavar='WORD=KIND', type=new_kind_argument, default=None,
+    parser.add_argument('--new-kind', metavar='PHRASE=KIND', type=new_kind_argument, default=None,
                         help=f'score a kind the dataset never draws ({", ".join(NEW_KINDS)}; tools/toy_dreambooth.py '
-                             'teaches one), named WORD in the prompts, e.g. --new-kind sks=bar: WORD is read as KIND '
-                             'and the judge also reads blobs as KIND')
+                             'teaches one), named PHRASE in the prompts, e.g. --new-kind "sks square=bar": PHRASE (one '
+                             'or more words) is read as KIND and the judge also reads blobs as KIND')
     return parser
 
 
 def new_kind_argument(text):
-    word, sep, kind = text.partition('=')
-    if not sep or not word or ' ' in word or kind not in NEW_KINDS:
-        raise argparse.ArgumentTypeError(f'{text!r}: expected WORD=KIND with one word and KIND one of '
-                                         f'{", ".join(NEW_KINDS)}, e.g. sks=bar')
-    return word, kind
+    phrase, sep, kind = text.partition('=')
+    words = phrase.split(' ')
+    if not sep or not all(words) or kind not in NEW_KINDS:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected PHRASE=KIND with PHRASE one or more words (single '
+                                         f'spaces) and KIND one of {", ".join(NEW_KINDS)}, e.g. "sks square=bar"')
+    return phrase, kind
+
+
+def name_new_kind(prompt, phrase, kind):
+    """`prompt` with every whole-word occurrence of `phrase` replaced by `kind`."""
+    return f' {prompt} '.replace(f' {phrase} ', f' {kind} ').strip(' ')
 
 
 def parse_args(argv=None):
@@ -142,16 +148,15 @@ def evaluate(items, held_out=(), data=None, new_kind=None):
     """Scores of [(image path, prompt, where, control image or None)]: {'all_shapes': scores, 'held_out_pairs':
     scores or None, 'mask_iou': {'images', 'mean'} or None, 'images': [{file, prompt, read, mask_iou}]}. `data`: the
     toy dataset whose records, as control images, give the ground-truth masks of the mask IoU. A missing image or a
-    prompt outside the toy grammar is an EvalError. `new_kind`: (word, kind) - prompts name a kind of NEW_KINDS by
-    `word`, and the judge reads it."""
+    prompt outside the toy grammar is an EvalError. `new_kind`: (phrase, kind) - prompts name a kind of NEW_KINDS by
+    `phrase`, and the judge reads it."""
     kinds = KINDS + ((new_kind[1],) if new_kind else ())
     manifest = toy_manifest(data) if data is not None else None
     records = toy_records(data) if data is not None else {}
     images, scenes, found, readings, ious = [], [], [], [], []
     for path, prompt, where, control in items:
         try:
-            text = prompt if new_kind is None else ' '.join(new_kind[1] if w == new_kind[0] else w
-                                                            for w in prompt.split(' '))
+            text = prompt if new_kind is None else name_new_kind(prompt, *new_kind)
             scene = parse_caption(text)
         except ValueError as err:
             raise EvalError(f'{where}: {err}') from None

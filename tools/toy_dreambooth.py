@@ -2,12 +2,15 @@
 colour-kind pair it was never shown, and measure what it learns and what it forgets.
 
 1. New kind: NUM_INSTANCE images of bars (toy_shapes.NEW_KINDS: the dataset never draws one) in INSTANCE_COLOURS
-   at INSTANCE_POSITIONS, captioned with the rare word TOKEN in the kind's place ('a large red sks on the left, on a
-   gray background'; caption files beside the images, one image on the config's instance_prompt). DreamBooth of
-   every weight (configs/pixart_app_config/PixArt_toy_dreambooth.py), with prior preservation (class images made
-   by the base model from NUM_CLASS_PROMPTS training captions) and without. Measured on bars of the other colours
-   at the other positions, both sizes, on TOKEN; and on the base vocabulary (the dataset's val prompts), against
-   the base model, with a judge that also knows bars (a circle drawn as a bar counts as wrong).
+   at INSTANCE_POSITIONS, captioned in the DreamBooth paper's form 'a [V] [class noun]': the rare word TOKEN before
+   CLASS_WORD, the known kind nearest a bar, in the kind's place ('a large red sks square on the left, on a gray
+   background'; caption files beside the images, one image on the config's instance_prompt). DreamBooth of every
+   weight (configs/pixart_app_config/PixArt_toy_dreambooth.py), with prior preservation and without. The class
+   prompts are the instance prompts without TOKEN (the same scenes with a square: what TOKEN changes) and training
+   captions (the rest of the vocabulary), NUM_CLASS_PROMPTS in all, their images made by the base model. Measured
+   on bars of the other colours at the other positions, both sizes, on 'TOKEN CLASS_WORD'; and on the base
+   vocabulary (the dataset's val prompts), against the base model, with a judge that also knows bars (a circle
+   drawn as a bar counts as wrong).
 2. Held-out pair: a LoRA adapter (DreamBooth-LoRA without prior preservation: plain LoRA fine-tuning on a handful
    of captioned images) on NUM_INSTANCE renders of the dataset's first held-out colour-kind pair at
    INSTANCE_POSITIONS; measured on that pair at the other positions, against the base model.
@@ -29,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/pixart_app_config/PixArt_toy_dreambooth.py"
 TOKEN = "sks"
 NEW_KIND = "bar"
+# 'sks square' rather than 'sks' alone: the model already draws a square at every position and colour, and TOKEN
+# only has to stretch it (new kind 0.25 against 0.09 with prior preservation, measured; README "DreamBooth")
+CLASS_WORD = "square"
 NUM_INSTANCE = 8
 INSTANCE_COLOURS = ("red", "blue")
 INSTANCE_POSITIONS = ("left", "center", "top", "bottom right")
@@ -41,15 +47,18 @@ LORA_LR = 5e-3  # an adapter starts at zero and moves far less per step than the
 
 
 def parse_args(argv=None):
+    from diffusion.utils.arguments import positive_int
     from diffusion.utils.config import add_cfg_options_argument
+    from scripts.quickstart import QUICKSTART_RUN
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=None,
-                        help="the toy model to fine-tune (default: the newest checkpoint of output/quickstart/train)")
+                        help="the toy model to fine-tune (default: the newest checkpoint of the quickstart, "
+                        f"{QUICKSTART_RUN}/checkpoints)")
     parser.add_argument("--data", default="data/toy_shapes", help="the toy dataset (its val prompts, training "
                         "captions and held-out pairs; default data/toy_shapes)")
     parser.add_argument("--out", default="output/toy_dreambooth", help="output folder (default output/toy_dreambooth)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default 2, as the quickstart)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default 2, as the quickstart)")
     add_cfg_options_argument(parser)
     return parser.parse_args(argv)
 
@@ -60,9 +69,14 @@ def bar_scene(colour, size, position, background):
 
 
 def prompt_of(scene):
-    """The scene's caption with TOKEN for every new-kind word."""
+    """The scene's caption with 'TOKEN CLASS_WORD' for every new-kind word."""
     from diffusion.data.toy_shapes import caption
-    return " ".join(TOKEN if word == NEW_KIND else word for word in caption(scene).split(" "))
+    return " ".join(f"{TOKEN} {CLASS_WORD}" if word == NEW_KIND else word for word in caption(scene).split(" "))
+
+
+def class_prompt_of(prompt):
+    """An instance prompt's class prompt: the same words without TOKEN."""
+    return prompt.replace(f"{TOKEN} {CLASS_WORD}", CLASS_WORD)
 
 
 def instance_scenes(kind=NEW_KIND, colours=INSTANCE_COLOURS):
@@ -92,6 +106,33 @@ def evaluation_scenes(kind, colours, seed):
             for _ in range(NUM_EVAL)]
 
 
+def file_sha256(path):
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def claim_out_folder(out, inputs):
+    """Record what OUT's runs are made from (OUT/inputs.json), or check that an earlier start recorded the same:
+    finished stages are reused only for the same inputs, and a folder of other inputs is never written over."""
+    from diffusion.utils.fileio import atomic_write_text
+    record = out / "inputs.json"
+    text = json.dumps(inputs, indent=2, sort_keys=True, default=str)
+    if record.is_file():
+        if record.read_text() != text:
+            sys.exit(f"error: {out} holds runs made from other inputs (another base model, prompts or --cfg-options: "
+                     f"see {record}); give another --out")
+    elif out.exists() and any(out.iterdir()):
+        sys.exit(f"error: {out} is not empty and has no {record.name}: it is not a run of this tool's; give another "
+                 "--out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, text)
+
+
 def write_instances(folder, scenes, prompts, default_prompt):
     """The instance images and, for those whose prompt is not `default_prompt`, their caption files."""
     from diffusion.data.toy_shapes import render_scene
@@ -107,30 +148,14 @@ def write_instances(folder, scenes, prompts, default_prompt):
     return folder
 
 
-def newest_checkpoint(work_dir):
-    from diffusion.train.state import list_checkpoints
-    found = list_checkpoints(work_dir)
-    return found[-1] if found else None
-
-
 def fine_tune(name, out, base, overrides):
-    """Train one run into OUT/runs/NAME (reused when its last checkpoint is there); returns (checkpoint, seconds)."""
-    from diffusion.train.core import TrainOptions, train
-    from diffusion.train.state import checkpoint_step
+    """Train one run into OUT/runs/NAME (reused when finished); returns (checkpoint, seconds or None, config)."""
     from diffusion.utils.config import load_config
-    cfg = load_config(REPO / CONFIG, {"data_root": str(REPO / "data"), "work_dir": str(out / "runs" / name),
-                                      "eval_interval": 0, **overrides})
-    work_dir = Path(cfg.work_dir)
-    done = newest_checkpoint(work_dir)
-    if done is not None and checkpoint_step(done) >= cfg.max_steps:
-        print(f"found {done}")
-        return done, None, cfg
+    from scripts.quickstart import train_toy
+    cfg = load_config(REPO / CONFIG, {"work_dir": str(out / "runs" / name), "eval_interval": 0, **overrides})
     start = time.perf_counter()
-    result = train(cfg, TrainOptions(work_dir=str(work_dir), load_from=str(base), report_to="tensorboard",
-                                     resume_from="auto" if done is not None else None))
-    if result.stopped_by_signal:
-        sys.exit(f"stopped: {name} saved at step {result.global_step}; run again to continue")
-    return result.last_checkpoint, time.perf_counter() - start, cfg
+    result = train_toy(cfg, Path(cfg.work_dir), load_from=base)
+    return result["checkpoint"], (time.perf_counter() - start if result["losses"] else None), cfg
 
 
 def sample(cfg, checkpoint, prompts, seed, loras=()):
@@ -159,23 +184,21 @@ def main(argv=None):
     from diffusion.utils.fileio import atomic_write_text
     threads = pin_cpu_numerics(args.threads or RECIPE_THREADS)
     out, data = REPO / args.out, REPO / args.data
-    base = Path(args.base) if args.base else newest_checkpoint(REPO / "output/quickstart/train")
-    if base is None or not base.is_file():
-        sys.exit(f"error: no toy model to fine-tune at {args.base or 'output/quickstart/train/checkpoints'}: run "
-                 "python scripts/quickstart.py first, or give --base CKPT")
+    from scripts.quickstart import quickstart_model, write_labelled_grid
+    base = quickstart_model(args.base, "--base")
     if not (data / MANIFEST).is_file():
         sys.exit(f"error: {data} is not a toy dataset (no {MANIFEST}): give the quickstart's, --data data/toy_shapes")
     overrides = dict(args.cfg_options or {})
     manifest = json.loads((data / MANIFEST).read_text())
     partition = data / "partition"
     val_prompts = [r["prompt"] for r in json.loads((partition / "val_info.json").read_text())][:NUM_EVAL]
-    class_prompts = [r["prompt"] for r in json.loads((partition / "data_info.json").read_text())][:NUM_CLASS_PROMPTS]
+    training_captions = [r["prompt"] for r in json.loads((partition / "data_info.json").read_text())]
     timings, started = {}, time.perf_counter()
 
     # the new kind, taught under TOKEN
     scenes = instance_scenes()
     prompts = [prompt_of(s) for s in scenes]
-    write_instances(out / "instance", scenes, prompts, prompts[0])
+    class_prompts = [class_prompt_of(p) for p in prompts] + training_captions[:NUM_CLASS_PROMPTS - len(prompts)]
     new_colours = [c for c in COLOURS if c not in INSTANCE_COLOURS]
     kind_scenes = evaluation_scenes(NEW_KIND, new_colours, seed=1)
     kind_prompts = [prompt_of(s) for s in kind_scenes]
@@ -183,7 +206,6 @@ def main(argv=None):
     colour, kind = manifest["held_out_pairs"][0]
     pair_scenes = instance_scenes(kind, (colour,))
     pair_prompts = [caption(s) for s in pair_scenes]
-    write_instances(out / "pair", pair_scenes, pair_prompts, pair_prompts[0])
     pair_eval = evaluation_scenes(kind, (colour,), seed=2)
     pair_eval_prompts = [caption(s) for s in pair_eval]
     val_scenes = [parse_caption(p) for p in val_prompts]
@@ -200,6 +222,10 @@ def main(argv=None):
                                      "lora": dict(rank=LORA_RANK, alpha=LORA_RANK),
                                      "optimizer.lr": LORA_LR}),
     }
+    claim_out_folder(out, {"base": str(base), "base_sha256": file_sha256(base), "runs": runs,
+                           "instance_prompts": prompts, "pair_prompts": pair_prompts})
+    write_instances(out / "instance", scenes, prompts, prompts[0])
+    write_instances(out / "pair", pair_scenes, pair_prompts, pair_prompts[0])
     checkpoints, cfg = {}, None
     for name, run_overrides in runs.items():
         print(f"\n== fine-tuning: {name}")
@@ -226,13 +252,13 @@ def main(argv=None):
     timings["sample_s"] = round(time.perf_counter() - start, 1)
     timings["total_s"] = round(time.perf_counter() - started, 1)
 
-    from scripts.quickstart import write_labelled_grid
     labels = {"instance images": prompts, **{k: (pair_eval_prompts if k.endswith(f"{colour} {kind}")
                                                  else kind_prompts)[:GRID_COLUMNS] for k in grid if k != "instance images"}}
     write_labelled_grid(grid, labels, out / "dreambooth.png")
     import torch
-    metrics = {"base": str(base), "token": TOKEN, "new_kind": NEW_KIND, "held_out_pair": [colour, kind],
-               "instance_prompts": prompts, "new_kind_prompts": kind_prompts, "pair_prompts": pair_prompts,
+    metrics = {"base": str(base), "token": TOKEN, "class_word": CLASS_WORD, "new_kind": NEW_KIND,
+               "held_out_pair": [colour, kind], "instance_prompts": prompts, "class_prompts": class_prompts,
+               "new_kind_prompts": kind_prompts, "pair_prompts": pair_prompts,
                "pair_eval_prompts": pair_eval_prompts, "results": results, "timings_s": timings,
                "numerics": {"threads": threads, "torch": torch.__version__,
                             "cpu_capability": torch.backends.cpu.get_cpu_capability()}}

@@ -4,9 +4,9 @@
 _base_ = ['../pixart_config/PixArt_toy_shapes.py']
 dreambooth = dict(
     instance_data_dir='toy_dreambooth/instance',  # under data_root ('data')
-    instance_prompt='a large red sks in the center, on a gray background',
+    instance_prompt='a large red sks square in the center, on a gray background',
     with_prior_preservation=True,
-    class_prompt='a large red circle in the center, on a gray background',
+    class_prompt='a large red square in the center, on a gray background',
     num_class_images=32,
     prior_loss_weight=1.0,
     sample_batch_size=16,
