@@ -24,7 +24,7 @@ import time
 
 from diffusion.utils.arguments import int_at_least, positive_int
 from diffusion.utils.config import add_cfg_options_argument
-from scripts.quickstart import QUICKSTART_RUN, quickstart_model
+from scripts.quickstart import QUICKSTART_RUN, quickstart_model, train_toy
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/pixart_config/PixArt_toy_lcm.py"
@@ -63,7 +63,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from diffusion.utils.config import load_config
-    from diffusion.utils.cpu import RECIPE_THREADS, pin_cpu_numerics
+    from diffusion.utils.cpu import RECIPE_THREADS, numerics_record, pin_cpu_numerics
     from diffusion.utils.fileio import atomic_write_text
     threads = pin_cpu_numerics(args.threads or RECIPE_THREADS)
     out = REPO / args.out
@@ -77,7 +77,8 @@ def main(argv=None):
     print(f"== distilling {teacher} for {cfg.max_steps} steps ({threads} threads)", flush=True)
     load_before = os.getloadavg()
     start = time.perf_counter()
-    student = distil(cfg, teacher, out / "train")
+    student = train_toy(cfg, out / "train", load_from=teacher, report_to="none")  # found if finished, else resumed
+    trained = bool(student["losses"])
     distil_s = time.perf_counter() - start
     load_after = os.getloadavg()
 
@@ -87,24 +88,22 @@ def main(argv=None):
     sample_s = time.perf_counter() - start
     grid = {label: images[label] for label, *_ in RUNS[:GRID_ROWS]}
     write_grid(grid, prompts, out / "samples.png")
-    import torch
     metrics = {
         "teacher": str(teacher), "student": str(student["checkpoint"]), "student_weights": args.student_weights,
-        "distillation": {"steps": cfg.max_steps, "wall_s": round(distil_s, 1) if student["trained"] else None,
-                         "s_per_step": round(distil_s / cfg.max_steps, 3) if student["trained"] else None,
+        "distillation": {"steps": cfg.max_steps, "wall_s": round(distil_s, 1) if trained else None,
+                         "s_per_step": round(distil_s / cfg.max_steps, 3) if trained else None,
                          "loss_first": student["losses"][0][1] if student["losses"] else None,
                          "loss_last": student["losses"][-1][1] if student["losses"] else None,
                          "load_average_1_5_15_min": {"before": load_before, "after": load_after}},
         "sampling_and_scoring_s": round(sample_s, 1),
         "teacher_guidance": 1.0 + cfg.cfg_scale,
         "scores": scores,
-        "numerics": {"threads": threads, "torch": torch.__version__,
-                     "cpu_capability": torch.backends.cpu.get_cpu_capability(), "seed": cfg.seed},
+        "numerics": numerics_record(threads, cfg.seed),
         "prompts": prompts,
     }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     print(f"\nwrote {out / 'samples.png'} and {out / 'metrics.json'}")
-    if student["trained"]:
+    if trained:
         print(f"distillation: {cfg.max_steps} steps in {distil_s:.0f} s ({distil_s / cfg.max_steps:.3f} s a step, "
               f"{threads} threads, load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)")
     for split in ("val", "unseen"):
@@ -115,19 +114,6 @@ def main(argv=None):
                   f"size {s['size']:.2f}, count {s['count']:.2f}, background {s['background']:.2f}")
 
 
-def distil(cfg, teacher, work_dir):
-    """The LCM run from `teacher` in `work_dir` (resumed if it stopped; found if it finished)."""
-    from diffusion.train.core import TrainOptions, train
-    from diffusion.train.state import checkpoint_step, list_checkpoints
-    done = list_checkpoints(work_dir)
-    if done and checkpoint_step(done[-1]) >= cfg.max_steps:
-        print(f"found {done[-1]}")
-        return {"checkpoint": done[-1], "losses": [], "trained": False}
-    options = TrainOptions(work_dir=str(work_dir), resume_from="auto", load_from=str(teacher), report_to="none")
-    result = train(cfg, options)
-    return {"checkpoint": result.last_checkpoint, "losses": result.losses, "trained": True}
-
-
 def sample_and_score(cfg, teacher, student, args):
     """{label: {split: alignment report}}, {label: [PIL images of the grid's prompts]}, {split: [prompts]}: every
     run of RUNS on the quickstart's held-out prompts and seeds."""
@@ -135,11 +121,9 @@ def sample_and_score(cfg, teacher, student, args):
 
     from diffusion.data.toy_shapes import MANIFEST, alignment_report, parse_caption
     from diffusion.pipeline import load_pipeline
-    from scripts.quickstart import SEED_STRIDE
+    from scripts.quickstart import SEED_STRIDE, held_out_prompts
     dataset = Path(cfg.data_root) / cfg.data.root
-    per_split = args.num_prompts // 2
-    prompts = {split: [r["prompt"] for r in json.loads((dataset / "partition" / f"{split}_info.json").read_text())]
-               [:per_split] for split in ("val", "unseen")}
+    prompts = held_out_prompts(dataset, args.num_prompts // 2)
     held_out = json.loads((dataset / MANIFEST).read_text())["held_out_pairs"]
     # the teacher as it was distilled: the weights --load-from read (a checkpoint's live ones)
     pipes = {"teacher": load_pipeline(teacher, config=cfg, use_ema=False),

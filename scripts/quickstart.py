@@ -83,10 +83,8 @@ def run_tool(*args):
 
 def main(argv=None):
     args = parse_args(argv)
-    import torch
-
     from diffusion.utils.config import load_config
-    from diffusion.utils.cpu import RECIPE_THREADS, pin_cpu_numerics
+    from diffusion.utils.cpu import RECIPE_THREADS, numerics_record, pin_cpu_numerics
     from diffusion.utils.fileio import atomic_write_text
     threads = pin_cpu_numerics(args.threads or RECIPE_THREADS)
     out = REPO / args.out
@@ -132,8 +130,7 @@ def main(argv=None):
     timings["sample_s"] = time.perf_counter() - start
     metrics["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     metrics["total_s"] = round(sum(timings.values()), 1)
-    metrics["numerics"] = {"threads": threads, "torch": torch.__version__,
-                           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "seed": cfg.seed}
+    metrics["numerics"] = numerics_record(threads, cfg.seed)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
 
     print(f"\nwrote {out / 'samples.png'} and {out / 'metrics.json'} in {metrics['total_s']:.0f} s "
@@ -164,16 +161,17 @@ def quickstart_model(path=None, flag="--base"):
     return found[-1]
 
 
-def train_toy(cfg, work_dir, load_from=None):
+def train_toy(cfg, work_dir, load_from=None, report_to="tensorboard"):
     """Train (or resume, or find finished) `cfg` in `work_dir`, with the config's flavour; `load_from`: the weights it
-    starts from (a ControlNet's base). Returns {"checkpoint", "losses"}; a run stopped by a signal exits, saying so."""
+    starts from (a ControlNet's base, a teacher). Returns {"checkpoint", "losses"} (no losses: found finished); a run
+    stopped by a signal exits, saying so."""
     from diffusion.train.core import TrainOptions, train
     from diffusion.train.state import checkpoint_step, list_checkpoints
     done = list_checkpoints(REPO / work_dir)
     if done and checkpoint_step(done[-1]) >= cfg.max_steps:
         print(f"found {done[-1]}")
         return {"checkpoint": done[-1], "losses": []}
-    options = TrainOptions(work_dir=str(REPO / work_dir), resume_from="auto", report_to="tensorboard",
+    options = TrainOptions(work_dir=str(REPO / work_dir), resume_from="auto", report_to=report_to,
                            load_from=None if load_from is None else str(load_from))
     result = train(cfg.with_overrides({"data_root": str(REPO / cfg.data_root)}), options)  # the config's flavour
     if result.stopped_by_signal:  # a stopped run is not a trained model: nothing after it may score it as one
@@ -190,8 +188,7 @@ def sample_and_score(cfg, trained, dataset, out, args):
     per_split = args.num_prompts // 2
     steps = args.sample_steps or (100 if args.sampler == "iddpm" else None)
     cfg_scale = cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale
-    prompts = {split: [r["prompt"] for r in json.loads((dataset / "partition" / f"{split}_info.json").read_text())][:per_split]
-               for split in ("val", "unseen")}
+    prompts = held_out_prompts(dataset, per_split)
     pipe = load_pipeline(trained["checkpoint"], config=cfg, t5_path=REPO / cfg.t5_pretrained,
                          vae_path=REPO / cfg.vae_pretrained)
     held_out = json.loads((dataset / MANIFEST).read_text())["held_out_pairs"]
@@ -209,6 +206,13 @@ def sample_and_score(cfg, trained, dataset, out, args):
             "sampler": {"name": args.sampler, "steps": steps, "cfg_scale": cfg_scale},
             "loss_first": losses[0][1] if losses else None, "loss_last": losses[-1][1] if losses else None,
             "alignment": scores, "prompts": prompts}
+
+
+def held_out_prompts(dataset, per_split):
+    """{split: the first `per_split` prompts} of the toy dataset's val and unseen splits: the prompts the quickstart
+    scores (their sampling seeds: SEED_STRIDE * split index + i)."""
+    return {split: [r["prompt"] for r in json.loads((dataset / "partition" / f"{split}_info.json").read_text())]
+            [:per_split] for split in ("val", "unseen")}
 
 
 def write_labelled_grid(images, prompts, path, scale=3):

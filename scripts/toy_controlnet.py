@@ -71,10 +71,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import torch
-
     from diffusion.utils.config import load_config
-    from diffusion.utils.cpu import RECIPE_THREADS, pin_cpu_numerics
+    from diffusion.utils.cpu import RECIPE_THREADS, numerics_record, pin_cpu_numerics
     from diffusion.utils.fileio import atomic_write_text
     out = REPO / args.out
     if (out / "metrics.json").is_file():
@@ -117,8 +115,7 @@ def main(argv=None):
     timings["contradiction_s"] = time.perf_counter() - start
     metrics["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     metrics["total_s"] = round(sum(timings.values()), 1)
-    metrics["numerics"] = {"threads": threads, "torch": torch.__version__,
-                           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "seed": cfg.seed}
+    metrics["numerics"] = numerics_record(threads, cfg.seed)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     print(f"\nwrote {out / 'samples.png'}, {out / 'contradiction.png'} and {out / 'metrics.json'} in "
           f"{metrics['total_s']:.0f} s ({threads} threads)")

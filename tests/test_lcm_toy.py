@@ -39,3 +39,5 @@ def test_lcm_toy_distils_scores_every_row_and_reuses_the_distillation(tmp_path, 
     capsys.readouterr()
     lcm_toy.main(args)
     assert "found " in capsys.readouterr().out  # the finished distillation is reused, not retrained
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["distillation"]["wall_s"] is None and metrics["numerics"]["threads"] == 1

@@ -23,6 +23,9 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
                                                                  "kind", "size", "all"}
         assert len(metrics["prompts"][split]) == 2
     assert set(metrics["timings_s"]) == {"dataset_s", "encoders_s", "features_s", "train_s", "sample_s"}
+    import torch
+    assert metrics["numerics"] == {"threads": 2, "torch": torch.__version__, "seed": 0,
+                                   "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     grid = Image.open(tmp_path / "out" / "samples.png")
     assert grid.width > 2 * 64 * 3 and grid.height > 2 * 64 * 3  # two rows of two enlarged images
     assert len(json.loads((tmp_path / "data" / "toy_shapes" / "partition" / "data_info.json").read_text())) == 32

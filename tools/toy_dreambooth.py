@@ -63,11 +63,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def bar_scene(colour, size, position, background):
-    from diffusion.data.toy_shapes import Scene, Shape
-    return Scene(background, (Shape(colour, NEW_KIND, size, position),))
-
-
 def prompt_of(scene):
     """The scene's caption with 'TOKEN CLASS_WORD' for every new-kind word."""
     from diffusion.data.toy_shapes import caption
@@ -106,13 +101,10 @@ def evaluation_scenes(kind, colours, seed):
             for _ in range(NUM_EVAL)]
 
 
-def file_sha256(path):
+def sha256_of(path):
     import hashlib
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def claim_out_folder(out, inputs):
@@ -180,7 +172,7 @@ def score(images, scenes, only=None):
 def main(argv=None):
     args = parse_args(argv)
     from diffusion.data.toy_shapes import COLOURS, MANIFEST, caption, parse_caption
-    from diffusion.utils.cpu import RECIPE_THREADS, pin_cpu_numerics
+    from diffusion.utils.cpu import RECIPE_THREADS, numerics_record, pin_cpu_numerics
     from diffusion.utils.fileio import atomic_write_text
     threads = pin_cpu_numerics(args.threads or RECIPE_THREADS)
     out, data = REPO / args.out, REPO / args.data
@@ -222,7 +214,7 @@ def main(argv=None):
                                      "lora": dict(rank=LORA_RANK, alpha=LORA_RANK),
                                      "optimizer.lr": LORA_LR}),
     }
-    claim_out_folder(out, {"base": str(base), "base_sha256": file_sha256(base), "runs": runs,
+    claim_out_folder(out, {"base": str(base), "base_sha256": sha256_of(base), "runs": runs,
                            "instance_prompts": prompts, "pair_prompts": pair_prompts})
     write_instances(out / "instance", scenes, prompts, prompts[0])
     write_instances(out / "pair", pair_scenes, pair_prompts, pair_prompts[0])
@@ -255,13 +247,11 @@ def main(argv=None):
     labels = {"instance images": prompts, **{k: (pair_eval_prompts if k.endswith(f"{colour} {kind}")
                                                  else kind_prompts)[:GRID_COLUMNS] for k in grid if k != "instance images"}}
     write_labelled_grid(grid, labels, out / "dreambooth.png")
-    import torch
     metrics = {"base": str(base), "token": TOKEN, "class_word": CLASS_WORD, "new_kind": NEW_KIND,
                "held_out_pair": [colour, kind], "instance_prompts": prompts, "class_prompts": class_prompts,
                "new_kind_prompts": kind_prompts, "pair_prompts": pair_prompts,
                "pair_eval_prompts": pair_eval_prompts, "results": results, "timings_s": timings,
-               "numerics": {"threads": threads, "torch": torch.__version__,
-                            "cpu_capability": torch.backends.cpu.get_cpu_capability()}}
+               "numerics": numerics_record(threads)}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     print(f"\nwrote {out / 'dreambooth.png'} and {out / 'metrics.json'} ({timings['total_s']:.0f} s, {threads} threads)")
     for name, parts in results.items():

@@ -59,3 +59,14 @@ def pin_cpu_numerics(threads):
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     return threads
+
+
+def numerics_record(threads, seed=None):
+    """What decides a pinned run's figures besides its inputs (pin_cpu_numerics): the record the toy proofs write
+    into their metrics.json, so a figure from another thread count, kernel family or torch build is seen as such."""
+    import torch
+
+    record = {"threads": threads, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if seed is not None:
+        record["seed"] = seed
+    return record
