@@ -16,7 +16,8 @@ colour-kind pair it was never shown, and measure what it learns and what it forg
    INSTANCE_POSITIONS; measured on that pair at the other positions, against the base model.
 
 Writes OUT/metrics.json and OUT/dreambooth.png (rows: instance images, then per model the new-kind prompts, and
-the held-out pair before and after LoRA). Every stage that has finished is reused when run again. Example:
+the held-out pair before and after LoRA). Every stage that has finished is reused when run again with the same
+inputs (OUT/inputs.json: base model, prompts, --cfg-options); an OUT of other inputs is refused. Example:
   python tools/toy_dreambooth.py        # after python scripts/quickstart.py
 """
 import sys
