@@ -38,6 +38,22 @@ def test_scores_count_each_attribute_of_each_described_shape(tmp_path, capsys):
     assert '3 images' in table and 'colour' in table and '0.50' in table
 
 
+def test_the_kind_confusion_says_what_each_described_kind_was_read_as(tmp_path, capsys):
+    drawn = Scene('gray', (Shape('red', 'square', 'large', 'left'), Shape('blue', 'circle', 'small', 'right')))
+    asked = Scene('gray', (Shape('red', 'circle', 'large', 'left'), Shape('blue', 'circle', 'small', 'right')))
+    moved = Scene('white', (Shape('green', 'triangle', 'small', 'center'),))
+    asked_moved = Scene('white', (Shape('green', 'triangle', 'small', 'top'),))
+    write_generated(tmp_path / 'gen', [(drawn, caption(asked)), (moved, caption(asked_moved))])
+    tool.main([str(tmp_path / 'gen'), '--json', str(tmp_path / 'report.json')])
+    confusion = json.loads((tmp_path / 'report.json').read_text())['kind_confusion']
+    assert list(confusion) == ['circle', 'triangle']  # kinds no prompt describes are left out
+    assert confusion['circle']['read'] == {'circle': 1, 'square': 1, 'triangle': 0, 'missing': 0}
+    assert confusion['circle']['by_size']['large'] == {'circle': 0, 'square': 1, 'triangle': 0, 'missing': 0}
+    assert confusion['triangle']['read']['missing'] == 1  # no blob in the described cell
+    out = capsys.readouterr().out
+    assert 'circle (2): right 0.50 (small 1.00, large 0.00); read as circle 1, square 1' in out
+
+
 def test_a_dataset_split_scores_its_own_images_and_the_held_out_pairs(tmp_path, capsys):
     write_toy_dataset(tmp_path / 'toy', num_train=2, num_val=2, num_unseen=12, progress=False)
     tool.main(['--data', str(tmp_path / 'toy'), '--split', 'unseen', '--json', str(tmp_path / 'r.json')])

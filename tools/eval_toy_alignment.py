@@ -9,8 +9,10 @@ fill, by extent and by grid cell) and compared with the scene its prompt describ
   colour      ... of the named colour        kind  ... of the named kind (circle/square/triangle; --new-kind)
   size        ... of the named size          all   every attribute of the shape right
 and the same per-shape scores for the shapes whose colour-kind pair no training image has, when the dataset
-(--data) says which pairs were held out. With --data, images steered by a ControlNet whose control image is a record
-of that dataset (metadata.jsonl's `control_image`, e.g. data/toy_shapes/images/val/00003.png) also get
+(--data) says which pairs were held out; then, per described kind and size, what the judge read the shapes as
+(kind_confusion: which kinds are confused for which). With --data, images steered by a ControlNet whose control
+image is a record of that dataset (metadata.jsonl's `control_image`, e.g. data/toy_shapes/images/val/00003.png)
+also get
   mask IoU    intersection over union of the image's shape mask (`shape_mask`: the blobs the judge reads, at half
               their contrast) with the control record's shapes as the toy renderer drew them (`render_scene_mask`)
 and a split scored by --split gets it against its own records (the judge's ceiling: 1.00 on the renders).
@@ -40,7 +42,8 @@ from PIL import Image
 
 from diffusion.data import paths
 from diffusion.data.toy_shapes import (KINDS, MANIFEST, NEW_KINDS, SPLIT_FILES, alignment_report, caption,
-                                       detect_scene, mask_iou, parse_caption, scene_masks, shape_mask)
+                                       detect_scene, format_kind_confusion, mask_iou, parse_caption,
+                                       scene_masks, shape_mask)
 from diffusion.utils.fileio import atomic_write_text
 
 ATTRIBUTES = ('background', 'count', 'position', 'colour', 'kind', 'size', 'all')
@@ -192,6 +195,8 @@ def format_table(report):
     lines = [f'{"":16s}' + ''.join(f'{name:>11s}' for name in ATTRIBUTES)]
     for label, scores in rows:
         lines.append(f'{label:16s}' + ''.join(f'{scores[k]:11.2f}' if k in scores else f'{"":11s}' for k in ATTRIBUTES))
+    lines.append('shapes by described kind:')
+    lines += ['  ' + line for line in format_kind_confusion(report['kind_confusion'])]
     if report['mask_iou'] is not None:
         lines.append(f'mask IoU with the control records\' shapes: {report["mask_iou"]["mean"]:.2f} '
                      f'({report["mask_iou"]["images"]} images)')

@@ -411,7 +411,43 @@ def alignment_report(images, scenes, held_out=(), found=None, kinds=KINDS):
     has_held_out = any((s.colour, s.kind) in held_out for scene in scenes for s in scene.shapes)
     return {'all_shapes': alignment_scores(images, scenes, found=found),
             'held_out_pairs': alignment_scores(images, scenes, only=lambda s: (s.colour, s.kind) in held_out,
-                                               found=found) if has_held_out else None}
+                                               found=found) if has_held_out else None,
+            'kind_confusion': kind_confusion(images, scenes, found=found, kinds=kinds)}
+
+
+MISSING = 'missing'
+
+
+def kind_confusion(images, scenes, found=None, kinds=KINDS):
+    """What the judge read each described shape as: {described kind: {'read': {read kind, or MISSING when no blob is
+    in its cell: count}, 'by_size': {size: the same}}}, so a kind accuracy tells which kinds are confused (the toy
+    model's circles read as squares, e.g.). Kinds no scene describes are left out. `found` and `kinds` as for
+    `alignment_scores`."""
+    found = [detect_scene(image, kinds) for image in images] if found is None else found
+    table = {}
+    for seen, scene in zip(found, scenes, strict=True):
+        for shape in scene.shapes:
+            match = next((f for f in seen.shapes if f.position == shape.position), None)
+            read = match.kind if match is not None else MISSING
+            row = table.setdefault(shape.kind, {'read': dict.fromkeys(kinds + (MISSING,), 0),
+                                                'by_size': {size: dict.fromkeys(kinds + (MISSING,), 0)
+                                                            for size in SIZES}})
+            row['read'][read] += 1
+            row['by_size'][shape.size][read] += 1
+    return {kind: table[kind] for kind in kinds if kind in table}
+
+
+def format_kind_confusion(confusion):
+    """Lines of a `kind_confusion` table: each described kind's count, accuracy (per size too) and what it was read
+    as."""
+    lines = []
+    for kind, row in confusion.items():
+        total = sum(row['read'].values())
+        sizes = ', '.join(f'{size} {counts[kind] / max(sum(counts.values()), 1):.2f}'
+                          for size, counts in row['by_size'].items() if sum(counts.values()))
+        read = ', '.join(f'{name} {count}' for name, count in row['read'].items() if count)
+        lines.append(f'{kind:>9s} ({total}): right {row["read"][kind] / total:.2f} ({sizes}); read as {read}')
+    return lines
 
 
 def mirrored_cell(position):
