@@ -424,17 +424,14 @@ def kind_confusion(images, scenes, found=None, kinds=KINDS):
     model's circles read as squares, e.g.). Kinds no scene describes are left out. `found` and `kinds` as for
     `alignment_scores`."""
     found = [detect_scene(image, kinds) for image in images] if found is None else found
-    table = {}
+    by_size = {}
     for seen, scene in zip(found, scenes, strict=True):
         for shape in scene.shapes:
             match = next((f for f in seen.shapes if f.position == shape.position), None)
-            read = match.kind if match is not None else MISSING
-            row = table.setdefault(shape.kind, {'read': dict.fromkeys(kinds + (MISSING,), 0),
-                                                'by_size': {size: dict.fromkeys(kinds + (MISSING,), 0)
-                                                            for size in SIZES}})
-            row['read'][read] += 1
-            row['by_size'][shape.size][read] += 1
-    return {kind: table[kind] for kind in kinds if kind in table}
+            counts = by_size.setdefault(shape.kind, {size: dict.fromkeys(kinds + (MISSING,), 0) for size in SIZES})
+            counts[shape.size][match.kind if match is not None else MISSING] += 1
+    return {kind: {'read': {read: sum(c[read] for c in by_size[kind].values()) for read in kinds + (MISSING,)},
+                   'by_size': by_size[kind]} for kind in kinds if kind in by_size}
 
 
 def format_kind_confusion(confusion):
@@ -443,7 +440,7 @@ def format_kind_confusion(confusion):
     lines = []
     for kind, row in confusion.items():
         total = sum(row['read'].values())
-        sizes = ', '.join(f'{size} {counts[kind] / max(sum(counts.values()), 1):.2f}'
+        sizes = ', '.join(f'{size} {counts[kind] / sum(counts.values()):.2f}'
                           for size, counts in row['by_size'].items() if sum(counts.values()))
         read = ', '.join(f'{name} {count}' for name, count in row['read'].items() if count)
         lines.append(f'{kind:>9s} ({total}): right {row["read"][kind] / total:.2f} ({sizes}); read as {read}')
