@@ -374,6 +374,11 @@ def scene_masks(seed, split, indices, image_size=64):
     return masks
 
 
+def _blob_in_cell(seen, position):
+    """The blob `detect_scene` found at `position` (a shape's cell), or None."""
+    return next((blob for blob in seen.shapes if blob.position == position), None)
+
+
 def alignment_scores(images, scenes, only=None, found=None, kinds=KINDS):
     """How well images show their scenes, as fractions in [0, 1]: `background`, `count` (as many blobs as
     shapes), and per described shape `position` (a blob in its cell), `colour`, `kind`, `size` (that blob's
@@ -390,7 +395,7 @@ def alignment_scores(images, scenes, only=None, found=None, kinds=KINDS):
             if only is not None and not only(shape):
                 continue
             num_shapes += 1
-            match = next((f for f in seen.shapes if f.position == shape.position), None)
+            match = _blob_in_cell(seen, shape.position)
             if match is None:
                 continue
             hits = {key: getattr(match, key) == getattr(shape, key) for key in ('colour', 'kind', 'size')}
@@ -427,7 +432,7 @@ def kind_confusion(images, scenes, found=None, kinds=KINDS):
     by_size = {}
     for seen, scene in zip(found, scenes, strict=True):
         for shape in scene.shapes:
-            match = next((f for f in seen.shapes if f.position == shape.position), None)
+            match = _blob_in_cell(seen, shape.position)
             counts = by_size.setdefault(shape.kind, {size: dict.fromkeys(kinds + (MISSING,), 0) for size in SIZES})
             counts[shape.size][match.kind if match is not None else MISSING] += 1
     return {kind: {'read': {read: sum(c[read] for c in by_size[kind].values()) for read in kinds + (MISSING,)},
