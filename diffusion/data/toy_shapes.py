@@ -429,13 +429,13 @@ def kind_confusion(images, scenes, found=None, kinds=KINDS):
     model's circles read as squares, e.g.). Kinds no scene describes are left out. `found` and `kinds` as for
     `alignment_scores`."""
     found = [detect_scene(image, kinds) for image in images] if found is None else found
-    by_size = {}
+    reads, by_size = kinds + (MISSING,), {}
     for seen, scene in zip(found, scenes, strict=True):
         for shape in scene.shapes:
             match = _blob_in_cell(seen, shape.position)
-            counts = by_size.setdefault(shape.kind, {size: dict.fromkeys(kinds + (MISSING,), 0) for size in SIZES})
+            counts = by_size.setdefault(shape.kind, {size: dict.fromkeys(reads, 0) for size in SIZES})
             counts[shape.size][match.kind if match is not None else MISSING] += 1
-    return {kind: {'read': {read: sum(c[read] for c in by_size[kind].values()) for read in kinds + (MISSING,)},
+    return {kind: {'read': {read: sum(c[read] for c in by_size[kind].values()) for read in reads},
                    'by_size': by_size[kind]} for kind in kinds if kind in by_size}
 
 
